@@ -1,0 +1,13 @@
+"""Point ops of CPRNet: bag generation, negative mask, bilinear gather (plain and fused).
+
+Each op has a compiled CPU/CUDA kernel (torch.ops.cpr_d2.*) and a PyTorch
+reference (`*_reference`) that serves as test oracle and as fallback when the
+extension is missing.
+"""
+from ._ext import extension_status
+from .bag_gather import bag_gather, bag_gather_reference
+from .bag_points import bag_points, bag_points_reference, bag_size, ring_offsets
+from .bilinear_gather import bilinear_gather, bilinear_gather_reference
+from .negative_mask import negative_mask, negative_mask_reference
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]

@@ -1,0 +1,89 @@
+"""Argument checks shared by the point-op wrappers (ValueError/TypeError, before any kernel)."""
+import math
+import numbers
+
+import torch
+
+
+def check_tensor(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"cpr_d2: {name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def check_points(points, name="points"):
+    check_tensor(points, name)
+    if points.dim() != 2 or points.shape[1] != 2:
+        raise ValueError(
+            f"cpr_d2: {name} must have shape (N, 2) holding (x, y) pixel coordinates, "
+            f"got {tuple(points.shape)}"
+        )
+    if not points.is_floating_point():
+        raise TypeError(f"cpr_d2: {name} must be a floating tensor, got {points.dtype}")
+
+
+def check_radius(radius):
+    if isinstance(radius, bool) or not isinstance(radius, numbers.Integral):
+        raise TypeError(f"cpr_d2: the bag radius R must be an int (rings), got {radius!r}")
+    if not 0 <= radius <= 4096:
+        raise ValueError(f"cpr_d2: the bag radius R must be in [0, 4096] rings, got {radius}")
+
+
+def check_stride(stride):
+    if isinstance(stride, bool) or not isinstance(stride, numbers.Real):
+        raise TypeError(f"cpr_d2: the stride s must be a number, got {stride!r}")
+    if not (math.isfinite(stride) and stride > 0):
+        raise ValueError(f"cpr_d2: the stride s must be a finite number > 0, got {stride}")
+
+
+def check_size(size, name, length=2):
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) != length
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in size)
+        or min(size) < 0
+    ):
+        raise ValueError(f"cpr_d2: {name} must be {length} non-negative ints, got {size!r}")
+
+
+def check_features(features):
+    check_tensor(features, "features")
+    if features.dim() != 4:
+        raise ValueError(
+            f"cpr_d2: features must have shape (B, C, H, W), got {tuple(features.shape)}"
+        )
+    if not features.is_floating_point():
+        raise TypeError(f"cpr_d2: features must be a floating tensor, got {features.dtype}")
+
+
+def check_same_device(**tensors):
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"cpr_d2: tensors must share one device, got {listing}")
+
+
+def check_index(index, length, upper, name, what):
+    """A (length,) int64 tensor with values in [0, upper)."""
+    check_tensor(index, name)
+    if index.dim() != 1 or index.shape[0] != length:
+        raise ValueError(
+            f"cpr_d2: {name} must have shape ({length},), one {what} per point, "
+            f"got {tuple(index.shape)}"
+        )
+    if index.dtype != torch.int64:
+        raise TypeError(f"cpr_d2: {name} must be int64, got {index.dtype}")
+    if length:
+        lo, hi = (int(v) for v in torch.aminmax(index))
+        if lo < 0 or hi >= upper:
+            raise ValueError(f"cpr_d2: {name} values must lie in [0, {upper}), got [{lo}, {hi}]")
+
+
+def check_image_sizes(image_sizes, batch_size):
+    check_tensor(image_sizes, "image_sizes")
+    if image_sizes.shape != (batch_size, 2):
+        raise ValueError(
+            f"cpr_d2: image_sizes must have shape ({batch_size}, 2) holding (height, width) "
+            f"of every image, got {tuple(image_sizes.shape)}"
+        )
+    if image_sizes.dtype != torch.int64:
+        raise TypeError(f"cpr_d2: image_sizes must be int64, got {image_sizes.dtype}")

@@ -1,0 +1,89 @@
+"""Positive-bag generation: the ring points around every annotated point.
+
+Bag of point a with radius R and stride s: for ring k = 1..R, the 8k points
+a + k*s*(cos 2*pi*t/(8k), sin 2*pi*t/(8k)), t = 0..8k-1, in ring order, then
+a itself (last). A bag point is valid when 0 <= x <= width and
+0 <= y <= height of its image.
+"""
+import functools
+import math
+
+import torch
+
+from . import _checks
+from ._ext import compiled_op
+
+__all__ = ["bag_size", "ring_offsets", "bag_points", "bag_points_reference"]
+
+
+def bag_size(radius):
+    """Number of points in a bag of radius R: 4R(R+1) + 1 (R = 8 -> 289)."""
+    return 4 * radius * (radius + 1) + 1
+
+
+@functools.lru_cache(maxsize=64)
+def _ring_offsets_cpu(radius, stride):
+    rows = []
+    for k in range(1, radius + 1):
+        r = k * stride
+        for t in range(8 * k):
+            # Same operation order as the kernels (csrc/point_ops/point_ops_common.cpp),
+            # so the compiled op and the reference agree bit for bit.
+            angle = math.pi * t / (4 * k)
+            rows.append((r * math.cos(angle), r * math.sin(angle)))
+    rows.append((0.0, 0.0))
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def ring_offsets(radius, stride, device=None):
+    """(P, 2) float64 offsets of every bag slot from its annotated point."""
+    _checks.check_radius(radius)
+    _checks.check_stride(stride)
+    return _ring_offsets_cpu(int(radius), float(stride)).to(device)
+
+
+def bag_coordinates(points, radius, stride):
+    """(N, P, 2) bag coordinates, added in float64 and rounded once to points.dtype."""
+    offsets = ring_offsets(radius, stride, points.device)
+    return (points.double()[:, None, :] + offsets[None]).to(points.dtype)
+
+
+def inside_image(coords, height, width):
+    """Validity of (..., 2) coordinates: 0 <= x <= width and 0 <= y <= height (NaN: invalid)."""
+    x, y = coords[..., 0], coords[..., 1]
+    return (x >= 0) & (y >= 0) & (x <= width) & (y <= height)
+
+
+def _check_args(points, radius, stride, image_size):
+    _checks.check_points(points)
+    if points.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"cpr_d2: points must be float32 or float64, got {points.dtype}")
+    _checks.check_radius(radius)
+    _checks.check_stride(stride)
+    _checks.check_size(image_size, "image_size (height, width)")
+
+
+def bag_points_reference(points, radius, stride, image_size):
+    """PyTorch reference of :func:`bag_points`."""
+    _check_args(points, radius, stride, image_size)
+    coords = bag_coordinates(points, radius, stride)
+    return coords, inside_image(coords, image_size[0], image_size[1])
+
+
+def bag_points(points, radius, stride, image_size):
+    """Positive bags of `points` on one image.
+
+    Args:
+        points: (N, 2) float32/float64 annotated (x, y) pixel coordinates.
+        radius: R, the number of rings (int >= 0).
+        stride: s, pixels between rings (the feature stride).
+        image_size: (height, width) of the image, in pixels.
+
+    Returns:
+        coords (N, 4R(R+1)+1, 2) of points.dtype, and valid (N, 4R(R+1)+1) bool.
+    """
+    _check_args(points, radius, stride, image_size)
+    op = compiled_op("bag_points", points)
+    if op is None:
+        return bag_points_reference(points, radius, stride, image_size)
+    return op(points, int(radius), float(stride), int(image_size[0]), int(image_size[1]))

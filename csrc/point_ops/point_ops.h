@@ -1,0 +1,70 @@
+// Declarations of the point ops (registered as torch.ops.cpr_d2.*).
+//
+//   bag_points               points (N,2), R, s, image (H, W) -> coords (N,P,2), valid (N,P)
+//   negative_mask            points (N,2), labels (N,), grid (H, W), s, R, C -> (H*W, C) bool
+//   bilinear_gather          features (B,C,H,W), points (M,2), batch_idx (M,), s -> (M, C)
+//   bag_gather               features, points (N,2), batch_idx (N,), image_sizes (B,2), R, s
+//                            -> features (N,P,C), valid (N,P); bag coordinates never stored
+//
+// P = 4R(R+1)+1: ring k = 1..R holds 8k points at radius k*s and angles
+// 2*pi*t/(8k), in ring order; the annotated point is last.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace cpr_d2 {
+
+// ---- shared by every device (point_ops_common.cpp) ----
+void check_points(const at::Tensor& points, const char* name);
+void check_radius(int64_t radius);
+void check_stride(double stride);
+// Checks a (M,) int64 index tensor against batch size B (reads min and max).
+void check_batch_idx(const at::Tensor& batch_idx, int64_t num_points, int64_t batch_size);
+void check_features(const at::Tensor& features);
+void check_coord_dtype(const at::Tensor& points);
+void check_bag_points_args(const at::Tensor& points, int64_t radius, double stride,
+                           int64_t image_height, int64_t image_width);
+void check_negative_mask_args(const at::Tensor& points, const at::Tensor& labels,
+                              int64_t height, int64_t width, double stride, int64_t radius,
+                              int64_t num_classes);
+// The feature dtype's accumulation dtype: double for double, float otherwise.
+at::ScalarType coord_dtype_for(at::ScalarType feature_dtype);
+void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                       const char* b_name);
+void check_image_sizes(const at::Tensor& image_sizes, int64_t batch_size);
+// Checks the arguments of a gather and returns the points, contiguous, in
+// the coordinate dtype of the features.
+at::Tensor prepare_gather(const at::Tensor& features, const at::Tensor& points,
+                          const at::Tensor& batch_idx, double stride);
+// The same for a backward pass; grad_out holds rows_per_point rows of C
+// values per point (1 for the plain gather, P for the bag gather).
+at::Tensor prepare_gather_backward(const at::Tensor& grad_out, const at::Tensor& points,
+                                   const at::Tensor& batch_idx, double stride,
+                                   at::IntArrayRef feature_size, int64_t rows_per_point);
+// (P, 2) float64 CPU tensor: offset of every bag slot from the annotated point.
+at::Tensor ring_offsets(int64_t radius, double stride);
+
+// ---- CPU ----
+std::tuple<at::Tensor, at::Tensor> bag_points_cpu(const at::Tensor& points, int64_t radius,
+                                                  double stride, int64_t image_height,
+                                                  int64_t image_width);
+at::Tensor negative_mask_cpu(const at::Tensor& points, const at::Tensor& labels,
+                             int64_t height, int64_t width, double stride, int64_t radius,
+                             int64_t num_classes);
+at::Tensor bilinear_gather_cpu(const at::Tensor& features, const at::Tensor& points,
+                               const at::Tensor& batch_idx, double stride);
+at::Tensor bilinear_gather_backward_cpu(const at::Tensor& grad_out, const at::Tensor& points,
+                                        const at::Tensor& batch_idx, double stride,
+                                        at::IntArrayRef feature_size);
+std::tuple<at::Tensor, at::Tensor> bag_gather_cpu(const at::Tensor& features,
+                                                  const at::Tensor& points,
+                                                  const at::Tensor& batch_idx,
+                                                  const at::Tensor& image_sizes, int64_t radius,
+                                                  double stride);
+at::Tensor bag_gather_backward_cpu(const at::Tensor& grad_out, const at::Tensor& points,
+                                   const at::Tensor& batch_idx, int64_t radius, double stride,
+                                   at::IntArrayRef feature_size);
+
+}  // namespace cpr_d2

@@ -1,0 +1,163 @@
+// Argument checks and the ring-offset table, shared by the CPU and CUDA ops.
+#include "point_ops.h"
+
+#include <cmath>
+
+#include "point_math.h"
+
+namespace cpr_d2 {
+
+void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                       const char* b_name) {
+  TORCH_CHECK(a.device() == b.device(), "cpr_d2: ", a_name, " is on ", a.device(), " but ",
+              b_name, " is on ", b.device(), "; move them to the same device");
+}
+
+void check_points(const at::Tensor& points, const char* name) {
+  TORCH_CHECK(points.dim() == 2 && points.size(1) == 2, "cpr_d2: ", name,
+              " must have shape (N, 2) holding (x, y) pixel coordinates, got shape ",
+              points.sizes());
+  TORCH_CHECK(at::isFloatingType(points.scalar_type()), "cpr_d2: ", name,
+              " must be a floating tensor, got ", points.scalar_type());
+}
+
+void check_radius(int64_t radius) {
+  TORCH_CHECK(radius >= 0, "cpr_d2: the bag radius R must be >= 0, got ", radius);
+  // A bag of radius R holds 4R(R+1)+1 points; far larger radii are a unit
+  // mistake (pixels instead of rings), not a bag anyone can afford.
+  TORCH_CHECK(radius <= 4096, "cpr_d2: the bag radius R (in rings) must be <= 4096, got ",
+              radius);
+}
+
+void check_stride(double stride) {
+  TORCH_CHECK(std::isfinite(stride) && stride > 0,
+              "cpr_d2: the stride s must be a finite number > 0, got ", stride);
+}
+
+void check_batch_idx(const at::Tensor& batch_idx, int64_t num_points, int64_t batch_size) {
+  TORCH_CHECK(batch_idx.dim() == 1 && batch_idx.size(0) == num_points,
+              "cpr_d2: batch_idx must have shape (", num_points, ",), one image index per point, "
+              "got shape ", batch_idx.sizes());
+  TORCH_CHECK(batch_idx.scalar_type() == at::kLong, "cpr_d2: batch_idx must be int64, got ",
+              batch_idx.scalar_type());
+  if (num_points == 0) return;
+  const auto range = at::aminmax(batch_idx);
+  const int64_t lo = std::get<0>(range).item<int64_t>();
+  const int64_t hi = std::get<1>(range).item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < batch_size, "cpr_d2: batch_idx values must lie in [0, ",
+              batch_size, ") for a batch of ", batch_size, " feature maps, got [", lo, ", ", hi,
+              "]");
+}
+
+void check_coord_dtype(const at::Tensor& points) {
+  TORCH_CHECK(points.scalar_type() == at::kFloat || points.scalar_type() == at::kDouble,
+              "cpr_d2: points must be float32 or float64, got ", points.scalar_type());
+}
+
+void check_bag_points_args(const at::Tensor& points, int64_t radius, double stride,
+                           int64_t image_height, int64_t image_width) {
+  check_points(points, "points");
+  check_coord_dtype(points);
+  check_radius(radius);
+  check_stride(stride);
+  TORCH_CHECK(image_height >= 0 && image_width >= 0,
+              "cpr_d2: the image size must be non-negative, got (", image_height, ", ",
+              image_width, ")");
+}
+
+void check_negative_mask_args(const at::Tensor& points, const at::Tensor& labels,
+                              int64_t height, int64_t width, double stride, int64_t radius,
+                              int64_t num_classes) {
+  check_points(points, "points");
+  check_radius(radius);
+  check_stride(stride);
+  check_same_device(points, "points", labels, "labels");
+  TORCH_CHECK(height >= 0 && width >= 0, "cpr_d2: the feature grid size must be non-negative, "
+              "got (", height, ", ", width, ")");
+  TORCH_CHECK(num_classes >= 0, "cpr_d2: num_classes must be >= 0, got ", num_classes);
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == points.size(0),
+              "cpr_d2: labels must have shape (", points.size(0), ",), one class per point, "
+              "got shape ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "cpr_d2: labels must be int64, got ",
+              labels.scalar_type());
+  if (labels.numel() == 0) return;
+  const auto range = at::aminmax(labels);
+  const int64_t lo = std::get<0>(range).item<int64_t>();
+  const int64_t hi = std::get<1>(range).item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < num_classes, "cpr_d2: labels must lie in [0, ", num_classes,
+              ") (contiguous class indices, not dataset category ids), got [", lo, ", ", hi, "]");
+}
+
+void check_features(const at::Tensor& features) {
+  TORCH_CHECK(features.dim() == 4, "cpr_d2: features must have shape (B, C, H, W), got shape ",
+              features.sizes());
+  TORCH_CHECK(at::isFloatingType(features.scalar_type()),
+              "cpr_d2: features must be a floating tensor, got ", features.scalar_type());
+}
+
+at::ScalarType coord_dtype_for(at::ScalarType feature_dtype) {
+  return feature_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+
+void check_feature_size(at::IntArrayRef feature_size) {
+  TORCH_CHECK(feature_size.size() == 4, "cpr_d2: feature_size must be (B, C, H, W), got ",
+              feature_size);
+  for (const int64_t v : feature_size) {
+    TORCH_CHECK(v >= 0, "cpr_d2: feature_size must be non-negative, got ", feature_size);
+  }
+}
+
+void check_image_sizes(const at::Tensor& image_sizes, int64_t batch_size) {
+  TORCH_CHECK(image_sizes.dim() == 2 && image_sizes.size(0) == batch_size &&
+                  image_sizes.size(1) == 2,
+              "cpr_d2: image_sizes must have shape (", batch_size,
+              ", 2) holding (height, width) of every image, got shape ", image_sizes.sizes());
+  TORCH_CHECK(image_sizes.scalar_type() == at::kLong, "cpr_d2: image_sizes must be int64, got ",
+              image_sizes.scalar_type());
+}
+
+at::Tensor prepare_gather(const at::Tensor& features, const at::Tensor& points,
+                          const at::Tensor& batch_idx, double stride) {
+  check_features(features);
+  check_points(points, "points");
+  check_stride(stride);
+  check_same_device(features, "features", points, "points");
+  check_same_device(features, "features", batch_idx, "batch_idx");
+  check_batch_idx(batch_idx, points.size(0), features.size(0));
+  return points.to(coord_dtype_for(features.scalar_type())).contiguous();
+}
+
+at::Tensor prepare_gather_backward(const at::Tensor& grad_out, const at::Tensor& points,
+                                   const at::Tensor& batch_idx, double stride,
+                                   at::IntArrayRef feature_size, int64_t rows_per_point) {
+  check_feature_size(feature_size);
+  check_points(points, "points");
+  check_stride(stride);
+  check_same_device(grad_out, "grad_out", points, "points");
+  check_same_device(grad_out, "grad_out", batch_idx, "batch_idx");
+  check_batch_idx(batch_idx, points.size(0), feature_size[0]);
+  TORCH_CHECK(grad_out.numel() == points.size(0) * rows_per_point * feature_size[1],
+              "cpr_d2: grad_out holds ", grad_out.numel(), " values, expected ",
+              points.size(0), " x ", rows_per_point, " x ", feature_size[1]);
+  return points.to(coord_dtype_for(grad_out.scalar_type())).contiguous();
+}
+
+at::Tensor ring_offsets(int64_t radius, double stride) {
+  const int64_t size = bag_size(radius);
+  at::Tensor table = at::zeros({size, 2}, at::kDouble);
+  double* out = table.data_ptr<double>();
+  for (int64_t idx = 0; idx + 1 < size; ++idx) {
+    int64_t ring, t;
+    ring_slot(idx, &ring, &t);
+    // Same operation order as the PyTorch reference, so the tables match bit
+    // for bit: r = k * s; angle = pi * t / (4k) (= 2 pi t / 8k).
+    const double r = static_cast<double>(ring) * stride;
+    const double angle = M_PI * static_cast<double>(t) / (4.0 * static_cast<double>(ring));
+    out[2 * idx] = r * std::cos(angle);
+    out[2 * idx + 1] = r * std::sin(angle);
+  }
+  return table;  // the last slot, the annotated point, keeps offset (0, 0)
+}
+
+}  // namespace cpr_d2

@@ -1,0 +1,50 @@
+// Registers the cpr_d2 operator schemas (torch.ops.cpr_d2.*) and the small
+// Python module cpr_d2._C that reports how the extension was built. The
+// kernels register themselves per device in point_ops/point_ops_{cpu,cuda}.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+namespace cpr_d2 {
+
+#if defined(WITH_CUDA)
+int64_t cuda_version();  // point_ops_cuda.cu
+#endif
+
+}  // namespace cpr_d2
+
+TORCH_LIBRARY(cpr_d2, m) {
+  m.def(
+      "bag_points(Tensor points, int radius, float stride, int image_height, int image_width)"
+      " -> (Tensor coords, Tensor valid)");
+  m.def(
+      "negative_mask(Tensor points, Tensor labels, int height, int width, float stride,"
+      " int radius, int num_classes) -> Tensor");
+  m.def("bilinear_gather(Tensor features, Tensor points, Tensor batch_idx, float stride) -> Tensor");
+  m.def(
+      "bilinear_gather_backward(Tensor grad_out, Tensor points, Tensor batch_idx, float stride,"
+      " int[] feature_size) -> Tensor");
+  m.def(
+      "bag_gather(Tensor features, Tensor points, Tensor batch_idx, Tensor image_sizes,"
+      " int radius, float stride) -> (Tensor features, Tensor valid)");
+  m.def(
+      "bag_gather_backward(Tensor grad_out, Tensor points, Tensor batch_idx, int radius,"
+      " float stride, int[] feature_size) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "cpr_d2 compiled point ops (registered as torch.ops.cpr_d2.*)";
+  m.def("with_cuda", []() {
+#if defined(WITH_CUDA)
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CUDA kernels were compiled into this build.");
+  m.def("cuda_version", []() -> int64_t {
+#if defined(WITH_CUDA)
+    return cpr_d2::cuda_version();
+#else
+    return 0;
+#endif
+  }, "CUDA runtime version the kernels were compiled against (e.g. 13000), 0 without CUDA.");
+}
