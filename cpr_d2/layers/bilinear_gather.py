@@ -32,14 +32,17 @@ def gather_unchecked_reference(features, points, batch_idx, stride):
     _, channels, height, width = features.shape
     out = features.new_zeros((points.shape[0], channels))
     if out.numel() == 0 or height == 0 or width == 0:
-        return out
+        # Nothing to read, but stay on the autograd graph (zero gradient), as the kernel does.
+        return out + features.sum() * 0
     pts = points.detach().to(coord_dtype(features))
     for b in torch.unique(batch_idx).tolist():
         rows = (batch_idx == b).nonzero().squeeze(1)
         p = pts[rows]
-        # grid_sample maps normalised g to ((g + 1) * W - 1) / 2 = p / s - 0.5.
-        grid = torch.stack([p[:, 0] * (2.0 / (stride * width)) - 1.0,
-                            p[:, 1] * (2.0 / (stride * height)) - 1.0], dim=-1)
+        # grid_sample maps normalised g to ((g + 1) * W - 1) / 2 = p / s - 0.5. It
+        # unnormalises in the features' dtype, so float32 results differ from
+        # the kernels' by rounding (about 1e-5 of a cell).
+        grid = torch.stack([p[:, 0].double() * (2.0 / (stride * width)) - 1.0,
+                            p[:, 1].double() * (2.0 / (stride * height)) - 1.0], dim=-1)
         sampled = F.grid_sample(features[b : b + 1], grid.to(features.dtype).view(1, 1, -1, 2),
                                 mode="bilinear", padding_mode="border", align_corners=False)
         out = out.index_copy(0, rows, sampled[0, :, 0].t())
