@@ -55,9 +55,11 @@ def timed(fn, device, repeats, warmup=2):
     return statistics.median(times)
 
 
-def step_fn(bag_gather, negative_mask, case, inputs):
+def step_fn(bag_gather, negative_mask, case, inputs, channels_last=False):
     features, points, labels, batch_idx, sizes, upstream = inputs
     grid = (case["height"], case["width"])
+    if channels_last:
+        features = features.contiguous(memory_format=torch.channels_last)
 
     def step():
         f = features.detach().requires_grad_(True)
@@ -101,13 +103,17 @@ def rows_for(case_name, device, repeats):
         "bag_gather fwd": (lambda fn: lambda: fn(features, points, batch_idx, sizes, r, s),
                            L.bag_gather_reference, L.bag_gather),
         "step: masks + bag_gather fwd+bwd": (
-            None, (L.bag_gather_reference, L.negative_mask_reference),
+            False, (L.bag_gather_reference, L.negative_mask_reference),
+            (L.bag_gather, L.negative_mask)),
+        "step, channels-last features": (
+            True, (L.bag_gather_reference, L.negative_mask_reference),
             (L.bag_gather, L.negative_mask)),
     }
     rows = []
     for name, (make, ref, ours) in ops.items():
-        if make is None:
-            ref_fn, our_fn = step_fn(*ref, case, inputs), step_fn(*ours, case, inputs)
+        if isinstance(make, bool):
+            ref_fn = step_fn(*ref, case, inputs, channels_last=make)
+            our_fn = step_fn(*ours, case, inputs, channels_last=make)
         else:
             ref_fn, our_fn = make(ref), make(ours)
         t_ref = timed(ref_fn, device, repeats)

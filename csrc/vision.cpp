@@ -1,6 +1,8 @@
 // Registers the cpr_d2 operator schemas (torch.ops.cpr_d2.*) and the small
 // Python module cpr_d2._C that reports how the extension was built. The
 // kernels register themselves per device in point_ops/point_ops_{cpu,cuda}.
+// The backward ops return the features' gradient in channels-last memory
+// format when `channels_last` is set (pass the forward input's format).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -22,13 +24,13 @@ TORCH_LIBRARY(cpr_d2, m) {
   m.def("bilinear_gather(Tensor features, Tensor points, Tensor batch_idx, float stride) -> Tensor");
   m.def(
       "bilinear_gather_backward(Tensor grad_out, Tensor points, Tensor batch_idx, float stride,"
-      " int[] feature_size) -> Tensor");
+      " int[] feature_size, bool channels_last=False) -> Tensor");
   m.def(
       "bag_gather(Tensor features, Tensor points, Tensor batch_idx, Tensor image_sizes,"
       " int radius, float stride) -> (Tensor features, Tensor valid)");
   m.def(
       "bag_gather_backward(Tensor grad_out, Tensor points, Tensor batch_idx, int radius,"
-      " float stride, int[] feature_size) -> Tensor");
+      " float stride, int[] feature_size, bool channels_last=False) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -12,7 +12,7 @@ from torch.autograd.function import once_differentiable
 from . import _checks
 from ._ext import compiled_op
 from .bag_points import bag_coordinates, bag_size, inside_image
-from .bilinear_gather import coord_dtype, gather_unchecked_reference
+from .bilinear_gather import coord_dtype, gather_unchecked_reference, is_channels_last
 
 __all__ = ["bag_gather", "bag_gather_reference"]
 
@@ -48,6 +48,7 @@ class _BagGather(torch.autograd.Function):
         ctx.save_for_backward(points, batch_idx)
         ctx.radius, ctx.stride = radius, stride
         ctx.feature_size = list(features.shape)
+        ctx.channels_last = is_channels_last(features)
         return feats, valid
 
     @staticmethod
@@ -55,7 +56,8 @@ class _BagGather(torch.autograd.Function):
     def backward(ctx, grad_feats, _grad_valid):
         points, batch_idx = ctx.saved_tensors
         grad = torch.ops.cpr_d2.bag_gather_backward(
-            grad_feats.contiguous(), points, batch_idx, ctx.radius, ctx.stride, ctx.feature_size)
+            grad_feats.contiguous(), points, batch_idx, ctx.radius, ctx.stride, ctx.feature_size,
+            ctx.channels_last)
         return None, grad, None, None, None, None, None
 
 

@@ -19,6 +19,11 @@ def coord_dtype(features):
     return torch.float64 if features.dtype == torch.float64 else torch.float32
 
 
+def is_channels_last(features):
+    """Whether `features` is stored channels-last (the gradient then comes back the same way)."""
+    return features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous()
+
+
 def _check_args(features, points, batch_idx, stride):
     _checks.check_features(features)
     _checks.check_points(points)
@@ -61,6 +66,7 @@ class _BilinearGather(torch.autograd.Function):
         ctx.save_for_backward(points, batch_idx)
         ctx.stride = stride
         ctx.feature_size = list(features.shape)
+        ctx.channels_last = is_channels_last(features)
         return op(features, points, batch_idx, stride)
 
     @staticmethod
@@ -68,7 +74,8 @@ class _BilinearGather(torch.autograd.Function):
     def backward(ctx, grad_out):
         points, batch_idx = ctx.saved_tensors
         grad = torch.ops.cpr_d2.bilinear_gather_backward(
-            grad_out.contiguous(), points, batch_idx, ctx.stride, ctx.feature_size)
+            grad_out.contiguous(), points, batch_idx, ctx.stride, ctx.feature_size,
+            ctx.channels_last)
         return None, grad, None, None, None
 
 

@@ -139,15 +139,40 @@ struct FeatureStrides {
   int64_t b, c, h, w;
 };
 
+// The interpolation itself, one formula for every kernel and layout.
+template <typename acc_t>
+CPR_HD acc_t bilinear_combine(const BilinearTaps<acc_t>& t, acc_t v00, acc_t v01, acc_t v10,
+                              acc_t v11) {
+  return t.wy0 * (t.wx0 * v00 + t.wx1 * v01) + t.wy1 * (t.wx0 * v10 + t.wx1 * v11);
+}
+
+// Offsets of the four taps within a (batch, channel) plane, in the order
+// (y0, x0), (y0, x1), (y1, x0), (y1, x1), and the weight each gets in the
+// transpose (the gradient).
+template <typename acc_t>
+CPR_HD void tap_offsets(const FeatureStrides& s, const BilinearTaps<acc_t>& t, int64_t off[4]) {
+  off[0] = t.y0 * s.h + t.x0 * s.w;
+  off[1] = t.y0 * s.h + t.x1 * s.w;
+  off[2] = t.y1 * s.h + t.x0 * s.w;
+  off[3] = t.y1 * s.h + t.x1 * s.w;
+}
+
+template <typename acc_t>
+CPR_HD void tap_weights(const BilinearTaps<acc_t>& t, acc_t w[4]) {
+  w[0] = t.wy0 * t.wx0;
+  w[1] = t.wy0 * t.wx1;
+  w[2] = t.wy1 * t.wx0;
+  w[3] = t.wy1 * t.wx1;
+}
+
 template <typename scalar_t, typename acc_t>
 CPR_HD acc_t bilinear_read(const scalar_t* base, const FeatureStrides& s,
                            const BilinearTaps<acc_t>& t) {
   // `base` already points at (batch, channel).
-  const acc_t v00 = static_cast<acc_t>(base[t.y0 * s.h + t.x0 * s.w]);
-  const acc_t v01 = static_cast<acc_t>(base[t.y0 * s.h + t.x1 * s.w]);
-  const acc_t v10 = static_cast<acc_t>(base[t.y1 * s.h + t.x0 * s.w]);
-  const acc_t v11 = static_cast<acc_t>(base[t.y1 * s.h + t.x1 * s.w]);
-  return t.wy0 * (t.wx0 * v00 + t.wx1 * v01) + t.wy1 * (t.wx0 * v10 + t.wx1 * v11);
+  int64_t off[4];
+  tap_offsets(s, t, off);
+  return bilinear_combine(t, static_cast<acc_t>(base[off[0]]), static_cast<acc_t>(base[off[1]]),
+                          static_cast<acc_t>(base[off[2]]), static_cast<acc_t>(base[off[3]]));
 }
 
 // Transpose of bilinear_read: hands each of the four taps its share of `v`
@@ -155,10 +180,11 @@ CPR_HD acc_t bilinear_read(const scalar_t* base, const FeatureStrides& s,
 template <typename acc_t, typename AddFn>
 CPR_HD void bilinear_scatter(const FeatureStrides& s, const BilinearTaps<acc_t>& t, acc_t v,
                              const AddFn& add) {
-  add(t.y0 * s.h + t.x0 * s.w, t.wy0 * t.wx0 * v);
-  add(t.y0 * s.h + t.x1 * s.w, t.wy0 * t.wx1 * v);
-  add(t.y1 * s.h + t.x0 * s.w, t.wy1 * t.wx0 * v);
-  add(t.y1 * s.h + t.x1 * s.w, t.wy1 * t.wx1 * v);
+  int64_t off[4];
+  acc_t w[4];
+  tap_offsets(s, t, off);
+  tap_weights(t, w);
+  for (int k = 0; k < 4; ++k) add(off[k], w[k] * v);
 }
 
 // Row readers: where a gather or scatter reads row `row` from. Both kernels

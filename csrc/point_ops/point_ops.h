@@ -43,6 +43,13 @@ at::Tensor prepare_gather(const at::Tensor& features, const at::Tensor& points,
 at::Tensor prepare_gather_backward(const at::Tensor& grad_out, const at::Tensor& points,
                                    const at::Tensor& batch_idx, double stride,
                                    at::IntArrayRef feature_size, int64_t rows_per_point);
+// Output buffer of a gather: uninitialised when the kernel writes every
+// element (a zero fill of a large bag tensor costs as much as the gather),
+// zeros when the map is empty and nothing will be written.
+at::Tensor new_output(at::IntArrayRef size, const at::Tensor& features);
+// A zero gradient buffer of the given size in the requested memory format.
+at::Tensor zeros_grad(at::IntArrayRef feature_size, const at::TensorOptions& options,
+                      bool channels_last);
 // (P, 2) float64 CPU tensor: offset of every bag slot from the annotated point.
 at::Tensor ring_offsets(int64_t radius, double stride);
 
@@ -57,7 +64,7 @@ at::Tensor bilinear_gather_cpu(const at::Tensor& features, const at::Tensor& poi
                                const at::Tensor& batch_idx, double stride);
 at::Tensor bilinear_gather_backward_cpu(const at::Tensor& grad_out, const at::Tensor& points,
                                         const at::Tensor& batch_idx, double stride,
-                                        at::IntArrayRef feature_size);
+                                        at::IntArrayRef feature_size, bool channels_last);
 std::tuple<at::Tensor, at::Tensor> bag_gather_cpu(const at::Tensor& features,
                                                   const at::Tensor& points,
                                                   const at::Tensor& batch_idx,
@@ -65,6 +72,6 @@ std::tuple<at::Tensor, at::Tensor> bag_gather_cpu(const at::Tensor& features,
                                                   double stride);
 at::Tensor bag_gather_backward_cpu(const at::Tensor& grad_out, const at::Tensor& points,
                                    const at::Tensor& batch_idx, int64_t radius, double stride,
-                                   at::IntArrayRef feature_size);
+                                   at::IntArrayRef feature_size, bool channels_last);
 
 }  // namespace cpr_d2

@@ -143,6 +143,18 @@ at::Tensor prepare_gather_backward(const at::Tensor& grad_out, const at::Tensor&
   return points.to(coord_dtype_for(grad_out.scalar_type())).contiguous();
 }
 
+at::Tensor new_output(at::IntArrayRef size, const at::Tensor& features) {
+  const bool empty_map = features.size(2) == 0 || features.size(3) == 0;
+  return empty_map ? at::zeros(size, features.options()) : at::empty(size, features.options());
+}
+
+at::Tensor zeros_grad(at::IntArrayRef feature_size, const at::TensorOptions& options,
+                      bool channels_last) {
+  return at::zeros(feature_size, options.memory_format(channels_last
+                                                           ? at::MemoryFormat::ChannelsLast
+                                                           : at::MemoryFormat::Contiguous));
+}
+
 at::Tensor ring_offsets(int64_t radius, double stride) {
   const int64_t size = bag_size(radius);
   at::Tensor table = at::zeros({size, 2}, at::kDouble);

@@ -24,6 +24,8 @@ FeatureStrides strides_of(const at::Tensor& t) {
 }
 
 // out[row, c] = bilinear read of features[b(row), c] at the row's point.
+// Channels-last maps take a contiguous loop over channels that the compiler
+// vectorises; it evaluates the same bilinear_combine as every other path.
 template <typename scalar_t, typename acc_t, typename Rows>
 void gather_rows(const scalar_t* features, const FeatureStrides& fs, int64_t channels,
                  int64_t height, int64_t width, acc_t stride, int64_t rows, const Rows& read_row,
@@ -35,16 +37,29 @@ void gather_rows(const scalar_t* features, const FeatureStrides& fs, int64_t cha
       read_row(row, &x, &y, &b);
       const BilinearTaps<acc_t> taps = bilinear_taps<acc_t>(x, y, stride, height, width);
       const scalar_t* base = features + b * fs.b;
-      scalar_t* dst = out + row * channels;
-      for (int64_t c = 0; c < channels; ++c) {
-        dst[c] = static_cast<scalar_t>(bilinear_read<scalar_t, acc_t>(base + c * fs.c, fs, taps));
+      scalar_t* __restrict__ dst = out + row * channels;
+      if (fs.c == 1) {
+        int64_t off[4];
+        tap_offsets(fs, taps, off);
+        const scalar_t* __restrict__ v00 = base + off[0];
+        const scalar_t* __restrict__ v01 = base + off[1];
+        const scalar_t* __restrict__ v10 = base + off[2];
+        const scalar_t* __restrict__ v11 = base + off[3];
+        for (int64_t c = 0; c < channels; ++c) {
+          dst[c] = static_cast<scalar_t>(bilinear_combine<acc_t>(taps, v00[c], v01[c], v10[c], v11[c]));
+        }
+      } else {
+        for (int64_t c = 0; c < channels; ++c) {
+          dst[c] = static_cast<scalar_t>(bilinear_read<scalar_t, acc_t>(base + c * fs.c, fs, taps));
+        }
       }
     }
   });
 }
 
 // grad[b(row), c] += the bilinear read's transpose of grad_out[row, c].
-// Parallel over channels, so no two threads ever add to the same element.
+// Parallel over channels, so no two threads ever add to the same element; on
+// a channels-last buffer each tap's channel range is one contiguous run.
 template <typename scalar_t, typename acc_t, typename Rows>
 void scatter_rows(const scalar_t* grad_out, int64_t channels, int64_t height, int64_t width,
                   acc_t stride, int64_t rows, const Rows& read_row, scalar_t* grad,
@@ -55,13 +70,27 @@ void scatter_rows(const scalar_t* grad_out, int64_t channels, int64_t height, in
       int64_t b;
       read_row(row, &x, &y, &b);
       const BilinearTaps<acc_t> taps = bilinear_taps<acc_t>(x, y, stride, height, width);
-      const scalar_t* g = grad_out + row * channels;
+      const scalar_t* __restrict__ g = grad_out + row * channels;
       scalar_t* base = grad + b * gs.b;
-      for (int64_t c = c_begin; c < c_end; ++c) {
-        scalar_t* plane = base + c * gs.c;
-        bilinear_scatter(gs, taps, static_cast<acc_t>(g[c]), [plane](int64_t offset, acc_t value) {
-          plane[offset] += static_cast<scalar_t>(value);
-        });
+      if (gs.c == 1) {
+        int64_t off[4];
+        acc_t w[4];
+        tap_offsets(gs, taps, off);
+        tap_weights(taps, w);
+        for (int k = 0; k < 4; ++k) {  // taps may coincide at the border: one at a time
+          scalar_t* __restrict__ dst = base + off[k];
+          for (int64_t c = c_begin; c < c_end; ++c) {
+            dst[c] += static_cast<scalar_t>(w[k] * static_cast<acc_t>(g[c]));
+          }
+        }
+      } else {
+        for (int64_t c = c_begin; c < c_end; ++c) {
+          scalar_t* plane = base + c * gs.c;
+          bilinear_scatter(gs, taps, static_cast<acc_t>(g[c]),
+                           [plane](int64_t offset, acc_t value) {
+                             plane[offset] += static_cast<scalar_t>(value);
+                           });
+        }
       }
     }
   });
@@ -138,7 +167,7 @@ at::Tensor bilinear_gather_cpu(const at::Tensor& features, const at::Tensor& poi
                                const at::Tensor& batch_idx, double stride) {
   const at::Tensor pts = prepare_gather(features, points, batch_idx, stride);
   const int64_t n_points = pts.size(0), channels = features.size(1);
-  at::Tensor out = at::zeros({n_points, channels}, features.options());
+  at::Tensor out = new_output({n_points, channels}, features);
   if (out.numel() == 0 || empty_map(features.sizes())) return out;
   const at::Tensor bidx = batch_idx.contiguous();
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "cpr_d2::bilinear_gather", [&] {
@@ -153,10 +182,10 @@ at::Tensor bilinear_gather_cpu(const at::Tensor& features, const at::Tensor& poi
 
 at::Tensor bilinear_gather_backward_cpu(const at::Tensor& grad_out, const at::Tensor& points,
                                         const at::Tensor& batch_idx, double stride,
-                                        at::IntArrayRef feature_size) {
+                                        at::IntArrayRef feature_size, bool channels_last) {
   const at::Tensor pts =
       prepare_gather_backward(grad_out, points, batch_idx, stride, feature_size, 1);
-  at::Tensor grad = at::zeros(feature_size, grad_out.options());
+  at::Tensor grad = zeros_grad(feature_size, grad_out.options(), channels_last);
   if (grad_out.numel() == 0 || empty_map(feature_size)) return grad;
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor bidx = batch_idx.contiguous();
@@ -180,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> bag_gather_cpu(const at::Tensor& features,
   check_image_sizes(image_sizes, features.size(0));
   const int64_t n_points = pts.size(0), channels = features.size(1);
   const int64_t bag = bag_size(radius);
-  at::Tensor out = at::zeros({n_points, bag, channels}, features.options());
+  at::Tensor out = new_output({n_points, bag, channels}, features);
   at::Tensor valid = at::empty({n_points, bag}, features.options().dtype(at::kBool));
   if (n_points == 0) return {out, valid};
   const at::Tensor offsets = ring_offsets(radius, stride);
@@ -210,12 +239,12 @@ std::tuple<at::Tensor, at::Tensor> bag_gather_cpu(const at::Tensor& features,
 
 at::Tensor bag_gather_backward_cpu(const at::Tensor& grad_out, const at::Tensor& points,
                                    const at::Tensor& batch_idx, int64_t radius, double stride,
-                                   at::IntArrayRef feature_size) {
+                                   at::IntArrayRef feature_size, bool channels_last) {
   check_radius(radius);
   const int64_t bag = bag_size(radius);
   const at::Tensor pts =
       prepare_gather_backward(grad_out, points, batch_idx, stride, feature_size, bag);
-  at::Tensor grad = at::zeros(feature_size, grad_out.options());
+  at::Tensor grad = zeros_grad(feature_size, grad_out.options(), channels_last);
   if (grad_out.numel() == 0 || empty_map(feature_size)) return grad;
   const at::Tensor offsets = ring_offsets(radius, stride);
   const at::Tensor g = grad_out.contiguous();

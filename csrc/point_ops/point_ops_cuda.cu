@@ -158,9 +158,10 @@ void launch_scatter(const at::Tensor& grad_out, double stride, int64_t rows,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Gradient buffers are channels-last, so the channel-fastest atomics coalesce.
-at::Tensor zeros_channels_last(at::IntArrayRef size, const at::TensorOptions& options) {
-  return at::zeros(size, options.memory_format(at::MemoryFormat::ChannelsLast));
+// Gradients accumulate in channels-last buffers, so the channel-fastest
+// atomics coalesce, and are handed back in the format asked for.
+at::Tensor in_format(const at::Tensor& grad, bool channels_last) {
+  return channels_last ? grad : grad.contiguous();
 }
 
 }  // namespace
@@ -212,7 +213,7 @@ at::Tensor bilinear_gather_cuda(const at::Tensor& features, const at::Tensor& po
                                 const at::Tensor& batch_idx, double stride) {
   const at::Tensor pts = prepare_gather(features, points, batch_idx, stride);
   const c10::cuda::CUDAGuard guard(features.device());
-  at::Tensor out = at::zeros({pts.size(0), features.size(1)}, features.options());
+  at::Tensor out = new_output({pts.size(0), features.size(1)}, features);
   if (out.numel() == 0 || empty_map(features.sizes())) return out;
   const at::Tensor feats = features.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor bidx = batch_idx.contiguous();
@@ -227,12 +228,12 @@ at::Tensor bilinear_gather_cuda(const at::Tensor& features, const at::Tensor& po
 
 at::Tensor bilinear_gather_backward_cuda(const at::Tensor& grad_out, const at::Tensor& points,
                                          const at::Tensor& batch_idx, double stride,
-                                         at::IntArrayRef feature_size) {
+                                         at::IntArrayRef feature_size, bool channels_last) {
   const at::Tensor pts =
       prepare_gather_backward(grad_out, points, batch_idx, stride, feature_size, 1);
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  at::Tensor grad = zeros_channels_last(feature_size, grad_out.options());
-  if (grad_out.numel() == 0 || empty_map(feature_size)) return grad;
+  at::Tensor grad = zeros_grad(feature_size, grad_out.options(), true);
+  if (grad_out.numel() == 0 || empty_map(feature_size)) return in_format(grad, channels_last);
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor bidx = batch_idx.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
@@ -241,7 +242,7 @@ at::Tensor bilinear_gather_backward_cuda(const at::Tensor& grad_out, const at::T
     const PlainRow<acc_t> rows{pts.data_ptr<acc_t>(), bidx.data_ptr<int64_t>()};
     launch_scatter<scalar_t>(g, stride, pts.size(0), rows, grad);
   });
-  return grad;
+  return in_format(grad, channels_last);
 }
 
 std::tuple<at::Tensor, at::Tensor> bag_gather_cuda(const at::Tensor& features,
@@ -255,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> bag_gather_cuda(const at::Tensor& features,
   check_same_device(features, "features", image_sizes, "image_sizes");
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t n_points = pts.size(0), bag = bag_size(radius);
-  at::Tensor out = at::zeros({n_points, bag, features.size(1)}, features.options());
+  at::Tensor out = new_output({n_points, bag, features.size(1)}, features);
   at::Tensor valid = at::empty({n_points, bag}, features.options().dtype(at::kBool));
   if (n_points == 0) return {out, valid};
   const at::Tensor offsets = device_offsets(radius, stride, features.device());
@@ -279,14 +280,14 @@ std::tuple<at::Tensor, at::Tensor> bag_gather_cuda(const at::Tensor& features,
 
 at::Tensor bag_gather_backward_cuda(const at::Tensor& grad_out, const at::Tensor& points,
                                     const at::Tensor& batch_idx, int64_t radius, double stride,
-                                    at::IntArrayRef feature_size) {
+                                    at::IntArrayRef feature_size, bool channels_last) {
   check_radius(radius);
   const int64_t bag = bag_size(radius);
   const at::Tensor pts =
       prepare_gather_backward(grad_out, points, batch_idx, stride, feature_size, bag);
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  at::Tensor grad = zeros_channels_last(feature_size, grad_out.options());
-  if (grad_out.numel() == 0 || empty_map(feature_size)) return grad;
+  at::Tensor grad = zeros_grad(feature_size, grad_out.options(), true);
+  if (grad_out.numel() == 0 || empty_map(feature_size)) return in_format(grad, channels_last);
   const at::Tensor offsets = device_offsets(radius, stride, grad_out.device());
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor bidx = batch_idx.contiguous();
@@ -297,7 +298,7 @@ at::Tensor bag_gather_backward_cuda(const at::Tensor& grad_out, const at::Tensor
                              offsets.data_ptr<double>(), bag};
     launch_scatter<scalar_t>(g, stride, pts.size(0) * bag, rows, grad);
   });
-  return grad;
+  return in_format(grad, channels_last);
 }
 
 TORCH_LIBRARY_IMPL(cpr_d2, CUDA, m) {

@@ -64,6 +64,23 @@ def test_channels_last_input(gen):
     torch.testing.assert_close(out, L.bilinear_gather(features, points, batch_idx, 8))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradient_comes_back_in_the_input_memory_format(gen, channels_last):
+    features, points, batch_idx, _ = random_batch(2, 6, 10, 12, 8, 50, gen)
+    state = gen.get_state()
+    ref, ref_grad = forward_backward(L.bilinear_gather_reference, features, points, batch_idx, 8,
+                                     gen=gen)
+    if channels_last:
+        features = features.contiguous(memory_format=torch.channels_last)
+    features.requires_grad_(True)
+    out = L.bilinear_gather(features, points, batch_idx, 8)
+    out.backward(torch.randn(out.shape, generator=gen.set_state(state)))
+    assert features.grad.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(out.detach(), ref, **TOL[torch.float32])
+    torch.testing.assert_close(features.grad, ref_grad, **TOL[torch.float32])
+
+
 def test_gradcheck(gen):
     features, points, batch_idx, _ = random_batch(2, 3, 5, 6, 4, 25, gen, dtype=torch.float64)
     features.requires_grad_(True)
