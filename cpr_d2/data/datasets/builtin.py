@@ -1,0 +1,78 @@
+"""Datasets registered when cpr_d2 is imported.
+
+Files live under $DETECTRON2_DATASETS (default ./datasets), laid out as the
+official CPR release ships them. Nothing is downloaded; a missing file is
+reported when the dataset is first used, with the path it was expected at.
+The `forest` sets are built on first use from images inside the installed
+`deepforest` package (see forest.py).
+"""
+import os
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from .point_coco import load_point_json
+
+__all__ = ["BUILTIN_POINT_DATASETS", "register_all_builtin"]
+
+_COARSE = "noise_rg-0-0-0.25-0.25_1/pseuw16h16"
+
+# name -> (json file, image root, evaluation set?) relative to $DETECTRON2_DATASETS.
+# Evaluation sets may be plain COCO jsons: their points are the true box centres.
+BUILTIN_POINT_DATASETS = {
+    "coco_2017_train_coarse": (
+        f"coco/coarse_gen_annotations/{_COARSE}/instances_train2017_coarse.json",
+        "coco/train2017", False),
+    "coco_2017_val_points": ("coco/annotations/instances_val2017.json", "coco/val2017", True),
+    "dota_1024_train_coarse": (
+        f"dota/DOTA-split/trainsplit/{_COARSE}/DOTA_train_1024_coarse.json",
+        "dota/DOTA-split/trainsplit/images", False),
+    "dota_1024_val_points": ("dota/DOTA-split/valsplit/DOTA_val_1024.json",
+                             "dota/DOTA-split/valsplit/images", True),
+    "seaperson_train_coarse": (
+        "tiny_set_v2/anns/release/corner/coarse/noise_rg-0-0.25_1/corner_w640_h640/pseuw16h16/"
+        "rgb_train_w640h640ow100oh100_coarse.json",
+        "tiny_set_v2/images", False),
+    "seaperson_test_points": ("tiny_set_v2/anns/release/rgb_test.json", "tiny_set_v2/images", True),
+}
+
+# Dataset-specific evaluation settings, read by the evaluator.
+_EVAL_METADATA = {
+    "seaperson": dict(size_ranges="tinyperson", max_dets=1000),
+}
+
+
+def datasets_root():
+    return os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets"))
+
+
+def _load_builtin(name, json_rel, image_rel, evaluation_set):
+    root = datasets_root()
+    json_file, image_root = os.path.join(root, json_rel), os.path.join(root, image_rel)
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(
+            f"dataset '{name}' expects its annotations at {json_file} (DETECTRON2_DATASETS="
+            f"{root}); download the CPR release files (see the README, 'Datasets'), or point "
+            "DETECTRON2_DATASETS at the folder that holds them")
+    return load_point_json(json_file, image_root, name, box_centre_points=evaluation_set)
+
+
+def _load_forest(name, split):
+    from .forest import build_forest
+
+    json_file, image_root = build_forest(split)
+    return load_point_json(json_file, image_root, name)
+
+
+def register_all_builtin():
+    for name, (json_rel, image_rel, evaluation_set) in BUILTIN_POINT_DATASETS.items():
+        if name in DatasetCatalog.list():
+            continue
+        DatasetCatalog.register(
+            name, lambda n=name, j=json_rel, i=image_rel, e=evaluation_set: _load_builtin(n, j, i, e))
+        extra = next((v for k, v in _EVAL_METADATA.items() if name.startswith(k)), {})
+        MetadataCatalog.get(name).set(evaluator_type="point_ap", **extra)
+    for name, split in (("forest", "train"), ("forest_test", "test")):
+        if name in DatasetCatalog.list():
+            continue
+        DatasetCatalog.register(name, lambda n=name, s=split: _load_forest(n, s))
+        MetadataCatalog.get(name).set(evaluator_type="point_ap", thing_classes=["tree"])

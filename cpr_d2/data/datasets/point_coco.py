@@ -1,0 +1,276 @@
+"""Point annotations in COCO-style json, loaded into detectron2 dataset dicts.
+
+The project's point json::
+
+    {"images":      [{"id", "file_name", "height", "width"}, ...],
+     "categories":  [{"id", "name"}, ...],
+     "annotations": [{"id", "image_id", "category_id",
+                      "point": [x, y],              # the (coarse) point
+                      "bbox": [x, y, w, h],         # optional TRUE box (evaluation, RSV)
+                      "iscrowd": 0 | 1,             # optional
+                      "ignore": 0 | 1}, ...]}       # optional, read as iscrowd
+
+The official CPR release is read as is: its annotations carry the true box in
+`true_bbox`, the coarse point in `point`, and a 16x16 pseudo box around the
+point in `bbox` (the point is that box's centre when `point` is absent).
+
+Points are continuous pixel coordinates, origin at the image's top-left
+corner (pixel k spans [k, k+1)). A point is on its image when
+0 <= x <= width and 0 <= y <= height.
+
+Each loaded record::
+
+    {"file_name", "image_id", "height", "width",
+     "annotations": [{"id", "point": [x, y], "category_id": <contiguous index>,
+                      "iscrowd": 0 | 1, "bbox": [...], "bbox_mode": BoxMode.XYWH_ABS,
+                      "coarse_point", "refine_score" (when the json has them)}]}
+"""
+import json
+import logging
+import math
+import os
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+
+__all__ = [
+    "PointJsonError",
+    "load_point_json",
+    "register_point_coco",
+    "set_outside_image_policy",
+]
+
+logger = logging.getLogger(__name__)
+
+OUTSIDE_IMAGE_POLICIES = ("warn", "error")
+_outside_image_policy = "warn"
+# Per-annotation fields copied through to the records when present.
+_EXTRA_FIELDS = ("coarse_point", "refine_score")
+
+
+class PointJsonError(ValueError):
+    """A point json that cannot be loaded; the message names the file, the record and the fix."""
+
+
+def set_outside_image_policy(policy):
+    """What loading does with points off their image: "warn" (count them, keep them) or
+    "error". Set from the config key DATASETS.POINTS_OUTSIDE_IMAGE by the tools."""
+    global _outside_image_policy
+    if policy not in OUTSIDE_IMAGE_POLICIES:
+        raise ValueError(
+            f"points-outside-image policy must be one of {OUTSIDE_IMAGE_POLICIES}, got {policy!r}")
+    _outside_image_policy = policy
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _read_json(json_file):
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"point json not found: {json_file}")
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise PointJsonError(
+            f"{json_file} is not valid json (line {e.lineno}, column {e.colno}: {e.msg}); "
+            "fix or regenerate the file") from None
+    except UnicodeDecodeError as e:
+        raise PointJsonError(f"{json_file} is not a UTF-8 text file ({e}); is it a json?") from None
+
+
+class _Reader:
+    """Checks records of one json file and raises errors that name the record."""
+
+    def __init__(self, json_file):
+        self.json_file = json_file
+
+    def fail(self, where, problem, fix):
+        raise PointJsonError(f"{self.json_file}: {where}: {problem}; {fix}")
+
+    def list_field(self, data, key):
+        value = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(value, list):
+            self.fail("top level", f"'{key}' must be a list of records, got "
+                      f"{type(value).__name__ if value is not None else 'nothing'}",
+                      "a point json is COCO-style: {'images': [...], 'categories': [...], "
+                      "'annotations': [...]}")
+        return value
+
+    def field(self, record, key, where, check, expected):
+        if not isinstance(record, dict):
+            self.fail(where, f"expected a json object, got {type(record).__name__}",
+                      "every record must be an object")
+        if key not in record:
+            self.fail(where, f"missing '{key}'", f"add '{key}' ({expected})")
+        value = record[key]
+        if not check(value):
+            self.fail(where, f"'{key}' must be {expected}, got {value!r}", f"fix '{key}'")
+        return value
+
+    def xy(self, value, key, where):
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_number, value))):
+            self.fail(where, f"'{key}' must be [x, y] with two finite numbers, got {value!r}",
+                      f"fix '{key}' or remove the annotation")
+        return [float(value[0]), float(value[1])]
+
+    def box(self, value, key, where):
+        if not (isinstance(value, (list, tuple)) and len(value) == 4 and all(map(_is_number, value))
+                and value[2] >= 0 and value[3] >= 0):
+            self.fail(where, f"'{key}' must be [x, y, w, h] with finite numbers and w, h >= 0, "
+                      f"got {value!r}", f"fix '{key}' or remove it")
+        return [float(v) for v in value]
+
+
+def _is_id(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_size(v):
+    return _is_id(v) and v > 0
+
+
+def _read_categories(reader, data):
+    categories = reader.list_field(data, "categories")
+    if not categories:
+        reader.fail("categories", "the list is empty", "list every class as {'id', 'name'}")
+    names = {}
+    for k, cat in enumerate(categories):
+        where = f"categories[{k}]"
+        cid = reader.field(cat, "id", where, _is_id, "an int")
+        name = reader.field(cat, "name", where, lambda v: isinstance(v, str) and v, "a non-empty string")
+        if cid in names:
+            reader.fail(where, f"category id {cid} appears twice ('{names[cid]}' and '{name}')",
+                        "give every category its own id")
+        names[cid] = name
+    ids = sorted(names)
+    return ids, [names[i] for i in ids]
+
+
+def _read_images(reader, data, image_root):
+    images = reader.list_field(data, "images")
+    if not images:
+        reader.fail("images", "the list is empty (an empty dataset)",
+                    "check that you passed the right json")
+    records = {}
+    for k, img in enumerate(images):
+        where = f"images[{k}]"
+        iid = reader.field(img, "id", where, lambda v: _is_id(v) or isinstance(v, str), "an int or string")
+        where = f"image id {iid!r}"
+        file_name = reader.field(img, "file_name", where, lambda v: isinstance(v, str) and v,
+                                 "a non-empty string")
+        height = reader.field(img, "height", where, _is_size, "a positive int")
+        width = reader.field(img, "width", where, _is_size, "a positive int")
+        if iid in records:
+            reader.fail(where, "appears twice in 'images'", "give every image its own id")
+        records[iid] = {
+            "file_name": os.path.join(image_root, file_name),
+            "image_id": iid,
+            "height": height,
+            "width": width,
+            "annotations": [],
+        }
+    return records
+
+
+def load_point_json(json_file, image_root, dataset_name=None, *, box_centre_points=False):
+    """Load a point json (module docstring) into detectron2 dataset dicts.
+
+    Args:
+        json_file: path of the point json.
+        image_root: folder that the images' `file_name` are relative to.
+        dataset_name: if given, its MetadataCatalog entry gets `thing_classes`,
+            `thing_dataset_id_to_contiguous_id`, `json_file` and `image_root`.
+        box_centre_points: annotations without a point take their true box's
+            centre (evaluation sets in plain COCO format); otherwise such an
+            annotation is an error.
+
+    Returns:
+        list[dict], one per image, in the json's image order, images without
+        annotations included.
+    """
+    data = _read_json(json_file)
+    reader = _Reader(json_file)
+    if not isinstance(data, dict):
+        reader.fail("top level", f"expected a json object, got {type(data).__name__}",
+                    "a point json is COCO-style: {'images', 'categories', 'annotations'}")
+    cat_ids, class_names = _read_categories(reader, data)
+    id_map = {cid: k for k, cid in enumerate(cat_ids)}
+    records = _read_images(reader, data, image_root)
+    annotations = reader.list_field(data, "annotations")
+
+    seen_ids = set()
+    outside = []
+    for k, ann in enumerate(annotations):
+        where = f"annotations[{k}]"
+        aid = reader.field(ann, "id", where, lambda v: _is_id(v) or isinstance(v, str), "an int or string")
+        where = f"annotation id {aid!r}"
+        if aid in seen_ids:
+            reader.fail(where, "the id appears twice", "give every annotation its own id (refined "
+                        "points are matched to annotations by id)")
+        seen_ids.add(aid)
+        iid = reader.field(ann, "image_id", where, lambda v: v in records, "the id of an image in 'images'")
+        cid = reader.field(ann, "category_id", where, lambda v: v in id_map,
+                           f"one of the category ids {cat_ids[:20]}{'...' if len(cat_ids) > 20 else ''}")
+        if "true_bbox" in ann:  # the official CPR release
+            true_box = reader.box(ann["true_bbox"], "true_bbox", where)
+            if "point" in ann:
+                point = reader.xy(ann["point"], "point", where)
+            else:
+                x, y, w, h = reader.box(reader.field(ann, "bbox", where, lambda v: True, "[x, y, w, h]"),
+                                        "bbox", where)
+                point = [x + w / 2, y + h / 2]
+        else:
+            true_box = reader.box(ann["bbox"], "bbox", where) if "bbox" in ann else None
+            if "point" in ann:
+                point = reader.xy(ann["point"], "point", where)
+            elif box_centre_points and true_box is not None:
+                point = [true_box[0] + true_box[2] / 2, true_box[1] + true_box[3] / 2]
+            else:
+                reader.fail(where, "has no 'point'", "add 'point': [x, y], or make coarse points "
+                            "from boxes with tools/make_coarse.py")
+        record = records[iid]
+        if not (0 <= point[0] <= record["width"] and 0 <= point[1] <= record["height"]):
+            outside.append((aid, iid, point))
+        out = {
+            "id": aid,
+            "point": point,
+            "category_id": id_map[cid],
+            "iscrowd": int(bool(ann.get("iscrowd", 0)) or bool(ann.get("ignore", 0))),
+        }
+        if true_box is not None:
+            out["bbox"] = true_box
+            out["bbox_mode"] = BoxMode.XYWH_ABS
+        for key in _EXTRA_FIELDS:
+            if key in ann:
+                out[key] = ann[key]
+        record["annotations"].append(out)
+
+    if outside:
+        aid, iid, point = outside[0]
+        message = (f"{json_file}: {len(outside)} of {len(annotations)} points lie outside their "
+                   f"image (first: annotation id {aid!r} of image id {iid!r} at {point})")
+        if _outside_image_policy == "error":
+            raise PointJsonError(message + "; fix them, or set DATASETS.POINTS_OUTSIDE_IMAGE "
+                                 "to 'warn' to keep them")
+        logger.warning(message + "; they are kept (DATASETS.POINTS_OUTSIDE_IMAGE: 'error' "
+                       "refuses them)")
+
+    if dataset_name is not None:
+        meta = MetadataCatalog.get(dataset_name)
+        meta.set(thing_classes=class_names,
+                 thing_dataset_id_to_contiguous_id={cid: k for k, cid in enumerate(cat_ids)})
+    logger.info("Loaded %d images, %d point annotations, %d classes from %s", len(records),
+                len(annotations), len(class_names), json_file)
+    return list(records.values())
+
+
+def register_point_coco(name, json_file, image_root, *, box_centre_points=False, **metadata):
+    """Register a point json as detectron2 dataset `name` (loaded lazily, on first use)."""
+    if name in DatasetCatalog.list():
+        raise ValueError(f"dataset '{name}' is already registered; pick another name")
+    DatasetCatalog.register(name, lambda: load_point_json(
+        json_file, image_root, name, box_centre_points=box_centre_points))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root,
+                                  evaluator_type="point_ap", **metadata)

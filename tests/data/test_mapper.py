@@ -1,0 +1,139 @@
+import numpy as np
+import pytest
+import torch
+from detectron2.data import transforms as T
+from PIL import Image
+
+from cpr_d2.config import get_cpr_d2_cfg
+from cpr_d2.data import PointDatasetMapper, load_point_json
+
+from .helpers import base_json, write_dataset
+
+
+def blob_image(height, width, points, half=3):
+    """An image that is black except for a white square of 2*half px centred on each point."""
+    img = np.zeros((height, width, 3), np.uint8)
+    for x, y in points:
+        img[int(y) - half:int(y) + half, int(x) - half:int(x) + half] = 255
+    return img
+
+
+def centroid_near(image_chw, point, radius=12):
+    """Centroid of the bright pixels within `radius` of `point` (pixel centres at k + 0.5)."""
+    img = image_chw.float().mean(0).numpy()
+    ys, xs = np.mgrid[0:img.shape[0], 0:img.shape[1]] + 0.5
+    near = (np.abs(xs - point[0]) < radius) & (np.abs(ys - point[1]) < radius)
+    w = img * near
+    return np.array([(w * xs).sum() / w.sum(), (w * ys).sum() / w.sum()])
+
+
+TRANSFORMS = {
+    "resize": [T.Resize((133, 171))],
+    "shortest edge": [T.ResizeShortestEdge(97, 500)],
+    "flip": [T.RandomFlip(prob=1.0)],
+    "vflip": [T.RandomFlip(prob=1.0, horizontal=False, vertical=True)],
+    "crop": [T.RandomCrop("absolute", (70, 90))],
+    "crop+resize+flip": [T.RandomCrop("relative", (0.8, 0.8)), T.ResizeShortestEdge(150, 400),
+                         T.RandomFlip(prob=1.0)],
+}
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_points_move_with_the_pixels(tmp_path, name):
+    # Blobs centred on pixel corners: a point p sits at the centre of the blob
+    # [p - 3, p + 3), whose bright-pixel centroid is exactly p.
+    points = [(20.0, 15.0), (64.0, 40.0), (100.0, 70.0), (33.0, 77.0)]
+    data = base_json()
+    data["images"] = [{"id": 1, "file_name": "blobs.png", "height": 100, "width": 120}]
+    data["annotations"] = [{"id": k, "image_id": 1, "category_id": 3, "point": list(p)}
+                           for k, p in enumerate(points)]
+    path, root = write_dataset(tmp_path, data, images=False)
+    Image.fromarray(blob_image(100, 120, points)).save(f"{root}/blobs.png")
+    record = load_point_json(path, root)[0]
+    mapper = PointDatasetMapper(True, augmentations=TRANSFORMS[name], image_format="RGB")
+    checked = 0
+    for _ in range(4):  # random crops differ per call
+        out = mapper(record)
+        inst = out["instances"]
+        height, width = inst.image_size
+        assert (height, width) == tuple(out["image"].shape[1:])
+        for p in inst.gt_points.numpy():
+            # A blob that a crop edge cuts has a shifted centroid: check only
+            # points whose blob (at most 6 px x 2x scale) is wholly on the image.
+            if 14 <= p[0] <= width - 14 and 14 <= p[1] <= height - 14:
+                np.testing.assert_allclose(centroid_near(out["image"], p), p, atol=0.75)
+                checked += 1
+    assert checked >= 3
+
+
+def test_crop_drops_points_and_boxes_that_leave_it(tmp_path):
+    path, root = write_dataset(tmp_path)
+    record = load_point_json(path, root)[0]
+    # Keep the left 30 x 30 px: annotation 10 at (12.5, 8) stays, 11 at (40, 30) leaves;
+    # 12 is ignore (iscrowd) and never becomes an instance.
+    crop = T.CropTransform(0, 0, 30, 30)
+
+    class FixedCrop(T.Augmentation):
+        def get_transform(self, image):
+            return crop
+
+    out = PointDatasetMapper(True, augmentations=[FixedCrop()], image_format="BGR")(record)
+    inst = out["instances"]
+    assert inst.gt_points.tolist() == [[12.5, 8.0]]
+    assert inst.gt_classes.tolist() == [1]
+    assert inst.gt_ann_index.tolist() == [0]
+    assert inst.gt_boxes.tensor.tolist() == [[5.0, 2.0, 25.0, 12.0]]
+
+
+def test_image_without_objects_and_test_mode(tmp_path):
+    path, root = write_dataset(tmp_path)
+    empty = load_point_json(path, root)[1]
+    out = PointDatasetMapper(True, augmentations=[], image_format="BGR")(empty)
+    assert len(out["instances"]) == 0 and out["instances"].gt_points.shape == (0, 2)
+    assert out["instances"].gt_boxes.tensor.shape == (0, 4)
+    out = PointDatasetMapper(False, augmentations=[], image_format="BGR")(load_point_json(path, root)[0])
+    assert "instances" not in out and "annotations" not in out
+    out = PointDatasetMapper(False, augmentations=[], image_format="BGR",
+                             with_annotations=True)(load_point_json(path, root)[0])
+    assert len(out["instances"]) == 2
+
+
+def test_from_config(tmp_path):
+    cfg = get_cpr_d2_cfg()
+    cfg.INPUT.MIN_SIZE_TRAIN = (64,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 200
+    cfg.INPUT.CROP.ENABLED = True
+    cfg.INPUT.CROP.TYPE = "absolute"
+    cfg.INPUT.CROP.SIZE = [20, 20]
+    mapper = PointDatasetMapper(cfg, is_train=True)
+    path, root = write_dataset(tmp_path)
+    out = mapper(load_point_json(path, root)[0])
+    assert min(out["image"].shape[1:]) == 64
+    assert out["image"].dtype == torch.uint8 and out["image"].shape[0] == 3
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_grayscale_rgba_and_palette_images(tmp_path, mode):
+    path, root = write_dataset(tmp_path)
+    Image.new(mode, (60, 40)).save(f"{root}/a.png")
+    out = PointDatasetMapper(True, augmentations=[], image_format="BGR")(load_point_json(path, root)[0])
+    assert out["image"].shape == (3, 40, 60)
+
+
+def test_bad_images_name_the_file_and_record(tmp_path):
+    path, root = write_dataset(tmp_path)
+    record = load_point_json(path, root)[0]
+    mapper = PointDatasetMapper(True, augmentations=[], image_format="BGR")
+    with open(f"{root}/a.png", "rb") as f:
+        head = f.read(40)
+    with open(f"{root}/a.png", "wb") as f:  # truncated
+        f.write(head)
+    with pytest.raises(ValueError, match=r"cannot read the image of image id 1: .*a.png"):
+        mapper(record)
+    Image.new("RGB", (61, 40)).save(f"{root}/a.png")
+    with pytest.raises(ValueError, match=r"image id 1 .*a.png.*height/width"):
+        mapper(record)
+    import os
+    os.remove(f"{root}/a.png")
+    with pytest.raises(FileNotFoundError, match=r"image of image id 1 not found: .*a.png"):
+        mapper(record)
