@@ -35,3 +35,22 @@ def random_batch(num_images, channels, height, width, stride, n_points, gen, dty
     image_sizes = (full - torch.randint(0, stride * 2, (num_images, 2), generator=gen)).clamp(min=0)
     points = random_points(n_points, height * stride, width * stride, gen, dtype=torch.float64)
     return features, points.to(dtype), batch_idx, image_sizes.long()
+
+
+def forward_backward(fn, features, gen):
+    """fn(features) and the gradient of <fn(features), g> for a random g drawn from `gen`."""
+    features = features.detach().clone().requires_grad_(True)
+    out = fn(features)
+    upstream = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    (grad,) = torch.autograd.grad(out, features, upstream.to(out.device))
+    return out.detach(), grad
+
+
+def assert_same_forward_backward(fn, features, other_fn, other_features, gen, tol):
+    """Both functions give the same output and feature gradient (same upstream gradient);
+    the second pair may live on another device."""
+    state = gen.get_state()
+    out, grad = forward_backward(fn, features, gen)
+    other_out, other_grad = forward_backward(other_fn, other_features, gen.set_state(state))
+    torch.testing.assert_close(other_out.cpu(), out, **tol)
+    torch.testing.assert_close(other_grad.cpu(), grad, **tol)

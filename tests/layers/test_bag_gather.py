@@ -4,8 +4,8 @@ import torch
 import cpr_d2.layers as L
 from tests.conftest import requires_cuda
 
-from .inputs import random_batch
-from .test_bilinear_gather import DEVICE_TOL, TOL, forward_backward
+from .inputs import assert_same_forward_backward, random_batch
+from .test_bilinear_gather import DEVICE_TOL, TOL
 
 CASES = [  # num_images, channels, height, width, stride, points, radius
     (1, 1, 1, 1, 8, 3, 1), (1, 4, 7, 9, 8, 10, 0), (2, 16, 50, 84, 8, 40, 8),
@@ -18,15 +18,11 @@ CASES = [  # num_images, channels, height, width, stride, points, radius
 def test_kernel_matches_reference(gen, dtype, case):
     b, c, h, w, s, n, r = case
     features, points, batch_idx, sizes = random_batch(b, c, h, w, s, n, gen, dtype=dtype)
-    state = gen.get_state()
-    fused = lambda f: L.bag_gather(f, points, batch_idx, sizes, r, s)[0]  # noqa: E731
-    ref = lambda f: L.bag_gather_reference(f, points, batch_idx, sizes, r, s)[0]  # noqa: E731
-    out, grad = forward_backward(fused, features, gen=gen)
-    ref_out, ref_grad = forward_backward(ref, features, gen=gen.set_state(state))
-    assert out.shape == (n, L.bag_size(r), c)
-    torch.testing.assert_close(out, ref_out, **TOL[dtype])
-    torch.testing.assert_close(grad, ref_grad, **TOL[dtype])
-    valid = L.bag_gather(features, points, batch_idx, sizes, r, s)[1]
+    assert_same_forward_backward(
+        lambda f: L.bag_gather_reference(f, points, batch_idx, sizes, r, s)[0], features,
+        lambda f: L.bag_gather(f, points, batch_idx, sizes, r, s)[0], features, gen, TOL[dtype])
+    feats, valid = L.bag_gather(features, points, batch_idx, sizes, r, s)
+    assert feats.shape == (n, L.bag_size(r), c)
     ref_valid = L.bag_gather_reference(features, points, batch_idx, sizes, r, s)[1]
     assert torch.equal(valid, ref_valid)
 
@@ -87,13 +83,9 @@ def test_no_points_and_empty_map():
 def test_cuda_matches_cpu(gen, dtype, case):
     b, c, h, w, s, n, r = case
     features, points, batch_idx, sizes = random_batch(b, c, h, w, s, n, gen, dtype=dtype)
-    state = gen.get_state()
-    out, grad = forward_backward(lambda f: L.bag_gather(f, points, batch_idx, sizes, r, s)[0],
-                                 features, gen=gen)
     cuda_args = (points.cuda(), batch_idx.cuda(), sizes.cuda(), r, s)
-    out_cuda, grad_cuda = forward_backward(lambda f: L.bag_gather(f, *cuda_args)[0],
-                                           features.cuda(), gen=gen.set_state(state))
-    torch.testing.assert_close(out_cuda.cpu(), out, **DEVICE_TOL[dtype])
-    torch.testing.assert_close(grad_cuda.cpu(), grad, **DEVICE_TOL[dtype])
+    assert_same_forward_backward(
+        lambda f: L.bag_gather(f, points, batch_idx, sizes, r, s)[0], features,
+        lambda f: L.bag_gather(f, *cuda_args)[0], features.cuda(), gen, DEVICE_TOL[dtype])
     valid_cuda = L.bag_gather(features.cuda(), *cuda_args)[1]
     assert torch.equal(valid_cuda.cpu(), L.bag_gather(features, points, batch_idx, sizes, r, s)[1])

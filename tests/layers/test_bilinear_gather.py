@@ -4,7 +4,7 @@ import torch
 import cpr_d2.layers as L
 from tests.conftest import requires_cuda
 
-from .inputs import random_batch
+from .inputs import assert_same_forward_backward, forward_backward, random_batch
 
 # Kernel vs reference: grid_sample unnormalises coordinates in float32 itself,
 # about 1e-5 of a cell off the kernels' arithmetic, so float32 needs 1e-4.
@@ -18,14 +18,6 @@ CASES = [  # num_images, channels, height, width, stride, points
     (1, 1, 1, 1, 8, 5), (1, 3, 7, 9, 8, 40), (2, 16, 50, 84, 8, 300),
     (3, 8, 13, 5, 4, 100), (2, 4, 9, 11, 3, 64),
 ]
-
-
-def forward_backward(fn, features, *args, gen):
-    features = features.detach().clone().requires_grad_(True)
-    out = fn(features, *args)
-    upstream = torch.randn(out.shape, generator=gen, dtype=out.dtype)
-    (grad,) = torch.autograd.grad(out, features, upstream.to(out.device))
-    return out.detach(), grad
 
 
 def test_by_hand():
@@ -43,12 +35,9 @@ def test_by_hand():
 def test_kernel_matches_reference(gen, dtype, case):
     b, c, h, w, s, n = case
     features, points, batch_idx, _ = random_batch(b, c, h, w, s, n, gen, dtype=dtype)
-    state = gen.get_state()
-    out, grad = forward_backward(L.bilinear_gather, features, points, batch_idx, s, gen=gen)
-    ref, ref_grad = forward_backward(L.bilinear_gather_reference, features, points, batch_idx, s,
-                                     gen=gen.set_state(state))
-    torch.testing.assert_close(out, ref, **TOL[dtype])
-    torch.testing.assert_close(grad, ref_grad, **TOL[dtype])
+    assert_same_forward_backward(
+        lambda f: L.bilinear_gather_reference(f, points, batch_idx, s), features,
+        lambda f: L.bilinear_gather(f, points, batch_idx, s), features, gen, TOL[dtype])
 
 
 def test_uses_the_compiled_kernel(gen):
@@ -68,8 +57,8 @@ def test_channels_last_input(gen):
 def test_gradient_comes_back_in_the_input_memory_format(gen, channels_last):
     features, points, batch_idx, _ = random_batch(2, 6, 10, 12, 8, 50, gen)
     state = gen.get_state()
-    ref, ref_grad = forward_backward(L.bilinear_gather_reference, features, points, batch_idx, 8,
-                                     gen=gen)
+    ref, ref_grad = forward_backward(
+        lambda f: L.bilinear_gather_reference(f, points, batch_idx, 8), features, gen)
     if channels_last:
         features = features.contiguous(memory_format=torch.channels_last)
     features.requires_grad_(True)
@@ -116,12 +105,11 @@ def test_empty_inputs(shape, n):
 def test_cuda_matches_cpu(gen, dtype, case):
     b, c, h, w, s, n = case
     features, points, batch_idx, _ = random_batch(b, c, h, w, s, n, gen, dtype=dtype)
-    state = gen.get_state()
-    out, grad = forward_backward(L.bilinear_gather, features, points, batch_idx, s, gen=gen)
-    out_cuda, grad_cuda = forward_backward(L.bilinear_gather, features.cuda(), points.cuda(),
-                                           batch_idx.cuda(), s, gen=gen.set_state(state))
-    torch.testing.assert_close(out_cuda.cpu(), out, **DEVICE_TOL[dtype])
-    torch.testing.assert_close(grad_cuda.cpu(), grad, **DEVICE_TOL[dtype])
+    cuda_points, cuda_idx = points.cuda(), batch_idx.cuda()
+    assert_same_forward_backward(
+        lambda f: L.bilinear_gather(f, points, batch_idx, s), features,
+        lambda f: L.bilinear_gather(f, cuda_points, cuda_idx, s), features.cuda(), gen,
+        DEVICE_TOL[dtype])
 
 
 @requires_cuda
