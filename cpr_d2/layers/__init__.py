@@ -10,4 +10,16 @@ from .bag_points import bag_points, bag_points_reference, bag_size, ring_offsets
 from .bilinear_gather import bilinear_gather, bilinear_gather_reference
 from .negative_mask import negative_mask, negative_mask_reference
 
-__all__ = [k for k in globals().keys() if not k.startswith("_")]
+__all__ = [
+    "bag_gather",
+    "bag_gather_reference",
+    "bag_points",
+    "bag_points_reference",
+    "bag_size",
+    "bilinear_gather",
+    "bilinear_gather_reference",
+    "extension_status",
+    "negative_mask",
+    "negative_mask_reference",
+    "ring_offsets",
+]

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Print the relative semantic variance (RSV) and mean normalised distance of
+the points of a point json, per object-size range; with --compare, of two
+jsons (e.g. coarse vs refined, matched by annotation id) and the change in %.
+
+    python tools/semantic_variance.py --json coarse.json [--compare refined.json]
+        [--ranges "all:0:inf,<20 px:0:20,>=20 px:20:inf"] [--point-key point]
+"""
+
+import argparse
+import json
+import sys
+
+from cpr_d2.evaluation.semantic_variance import (
+    DEFAULT_SIZE_RANGES,
+    compare_point_jsons,
+    format_comparison,
+    format_table,
+    semantic_variance_json,
+)
+
+
+def parse_ranges(text: str):
+    """'name:lo:hi,...' -> ((name, lo, hi), ...); hi may be 'inf'."""
+    ranges = []
+    for item in text.split(","):
+        parts = item.rsplit(":", 2)
+        if len(parts) != 3:
+            raise ValueError(f"bad range {item!r}: expected name:lo:hi")
+        name, lo, hi = parts[0].strip(), float(parts[1]), float(parts[2])
+        if not name or not lo < hi:
+            raise ValueError(f"bad range {item!r}: expected a name and lo < hi")
+        ranges.append((name, lo, hi))
+    return tuple(ranges)
+
+
+def _load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read json: {e}") from e
+
+
+def _skipped(counts) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in counts.items() if n) or "none"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", required=True, help="point json with true boxes ('bbox')")
+    parser.add_argument("--compare", help="second point json, matched by annotation id")
+    default_ranges = ",".join(f"{n}:{lo:g}:{hi:g}" for n, lo, hi in DEFAULT_SIZE_RANGES)
+    parser.add_argument(
+        "--ranges",
+        default=default_ranges,
+        help=f"size ranges by sqrt(w*h) (default {default_ranges!r})",
+    )
+    parser.add_argument("--point-key", default="point")
+    parser.add_argument(
+        "--include-crowd", action="store_true", help="also measure iscrowd/ignore annotations"
+    )
+    args = parser.parse_args(argv)
+    try:
+        ranges = parse_ranges(args.ranges)
+        options = dict(
+            size_ranges=ranges, point_key=args.point_key, include_crowd=args.include_crowd
+        )
+        a = _load(args.json)
+        if args.compare is None:
+            result = semantic_variance_json(a, source=args.json, **options)
+            print(
+                f"{args.json}: {result.used} objects measured; skipped: {_skipped(result.skipped)}"
+            )
+            print(format_table(result))
+            return 0
+        b = _load(args.compare)
+        result = compare_point_jsons(a, b, sources=(args.json, args.compare), **options)
+    except ValueError as e:
+        print(f"semantic_variance: error: {e}", file=sys.stderr)
+        return 1
+    print(f"a = {args.json} (skipped: {_skipped(result.skipped_a)})")
+    print(f"b = {args.compare} (skipped: {_skipped(result.skipped_b)})")
+    print(
+        f"{result.matched} objects matched by id; "
+        f"{result.only_in_a} only in a, {result.only_in_b} only in b"
+    )
+    print(format_comparison(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
