@@ -33,7 +33,7 @@ class PointVisualizer(Visualizer):
     """
 
     def _radius(self):
-        return max(2.0, 0.004 * max(self.output.width, self.output.height)) / self.output.scale
+        return max(3.0, 0.007 * max(self.output.width, self.output.height)) / self.output.scale
 
     def draw_points(self, points, classes=None, scores=None, labels=True, color=None,
                     marker="o", alpha=0.9):
@@ -50,7 +50,7 @@ class PointVisualizer(Visualizer):
                 self.draw_line([x - r, x + r], [y + r, y - r], color=c, linewidth=1.5)
             else:
                 self.output.ax.add_patch(mpl.patches.Circle(
-                    (x, y), radius=r, fill=True, facecolor=c, edgecolor="black",
+                    (x, y), radius=r, fill=True, facecolor=c, edgecolor="white",
                     linewidth=0.5 * self.output.scale, alpha=alpha))
             if labels and (classes is not None or scores is not None):
                 text = []
