@@ -15,7 +15,8 @@ import json
 import os
 import sys
 
-from cpr_d2.data.coarse import coarse_points_from_coco, parse_noise, write_json_atomic
+from cpr_d2.data.coarse import coarse_points_from_coco, parse_noise
+from cpr_d2.utils.io import write_json_atomic
 from cpr_d2.evaluation.semantic_variance import format_table, semantic_variance_json
 
 

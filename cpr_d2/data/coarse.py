@@ -22,11 +22,8 @@ the order of, or the other annotations in, the file.
 """
 
 import copy
-import json
 import math
-import os
 import re
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -45,7 +42,6 @@ __all__ = [
     "annotation_mask",
     "CoarseReport",
     "coarse_points_from_coco",
-    "write_json_atomic",
 ]
 
 _NUM = r"(-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"
@@ -352,26 +348,3 @@ def coarse_points_from_coco(
             ann["point"] = [float(point[0]), float(point[1])]
     out["point_noise"] = {"noise": model.name, "seed": int(seed), "use_masks": bool(use_masks)}
     return out, report
-
-
-def write_json_atomic(obj, path, indent: Optional[int] = None) -> None:
-    """Write ``obj`` as json to ``path`` through a temporary file in the same
-    folder and ``os.replace``: readers see the old file or the complete new one,
-    never a partial one, and a failed write removes its temporary file."""
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

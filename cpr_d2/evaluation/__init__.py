@@ -1,0 +1,15 @@
+"""Evaluation: the point-AP metric and its detectron2 evaluator, semantic variance."""
+from .evaluator import PointAPEvaluator, build_point_evaluator, load_point_ground_truth
+from .point_ap import PointAPResult, evaluate_point_ap
+from .semantic_variance import compare_point_jsons, semantic_variance, semantic_variance_json
+
+__all__ = [
+    "PointAPEvaluator",
+    "PointAPResult",
+    "build_point_evaluator",
+    "compare_point_jsons",
+    "evaluate_point_ap",
+    "load_point_ground_truth",
+    "semantic_variance",
+    "semantic_variance_json",
+]

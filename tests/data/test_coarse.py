@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from tests.tool_loader import load_tool
-from cpr_d2.data import coarse
+import cpr_d2.utils.io
 from cpr_d2.data.coarse import (
     RangeGaussian,
     annotation_mask,
@@ -17,9 +16,7 @@ from cpr_d2.data.coarse import (
     mask_point,
     parse_noise,
 )
-
-
-
+from tests.tool_loader import load_tool
 
 make_coarse = load_tool("make_coarse")
 
@@ -423,16 +420,10 @@ def test_make_coarse_failed_write_leaves_no_partial_file(tmp_path, monkeypatch, 
     dst = tmp_path / "points.json"
     if existing_output:
         dst.write_text('{"old": true}')
-    real_dump = json.dump
-
-    def dump_then_fail(obj, f, **kwargs):
-        real_dump(
-            {"images": [], "annotations": [{"partial": 1}] * 100}, f
-        )  # something reached the disk
-        f.flush()
+    def fsync_fails(fd):  # the bytes are written; making them durable fails
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(coarse.json, "dump", dump_then_fail)
+    monkeypatch.setattr(cpr_d2.utils.io.os, "fsync", fsync_fails)
     assert make_coarse.main(["--input", str(src), "--output", str(dst)]) == 1
     assert src.read_bytes() == raw
     if existing_output:

@@ -4,7 +4,6 @@ import math
 import numpy as np
 import pytest
 
-from tests.tool_loader import load_tool
 from cpr_d2.evaluation.semantic_variance import (
     compare_point_jsons,
     format_comparison,
@@ -13,8 +12,7 @@ from cpr_d2.evaluation.semantic_variance import (
     semantic_variance,
     semantic_variance_json,
 )
-
-
+from tests.tool_loader import load_tool
 
 
 def _at(box, u, v):

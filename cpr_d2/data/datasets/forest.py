@@ -61,7 +61,8 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from cpr_d2.data.coarse import coarse_points_from_coco, write_json_atomic
+from cpr_d2.data.coarse import coarse_points_from_coco
+from cpr_d2.utils.io import write_json_atomic
 
 __all__ = [
     "FOREST_DATASETS",

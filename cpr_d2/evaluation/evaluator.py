@@ -1,0 +1,270 @@
+"""detectron2 evaluator for point AP (see :mod:`cpr_d2.evaluation.point_ap`).
+
+The ground truth comes from the dataset's records in ``DatasetCatalog``:
+every annotation needs its true box (``bbox`` + ``bbox_mode``), since GT
+locations are box centres and distances are normalised by the box. Predictions
+are ``Instances`` with ``pred_points`` (pixel coordinates in the original
+image), ``scores`` and ``pred_classes`` (contiguous ids).
+"""
+import itertools
+import logging
+import os
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Sequence
+
+import numpy as np
+from tabulate import tabulate
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.structures import BoxMode
+from detectron2.utils import comm
+
+from cpr_d2.utils.io import write_json_atomic
+from cpr_d2.evaluation.point_ap import (
+    DEFAULT_TAUS,
+    _check_taus,
+    _resolve_size_ranges,
+    evaluate_point_ap,
+)
+
+__all__ = ["PointAPEvaluator", "build_point_evaluator", "load_point_ground_truth"]
+
+PREDICTIONS_FILE = "point_predictions.json"
+_PRED_FIELDS = ("pred_points", "scores", "pred_classes")
+
+
+def load_point_ground_truth(dataset_name: str):
+    """Class names, image ids and per-image GT (``boxes`` XYWH, ``classes``,
+    ``iscrowd``) of a registered dataset, in dataset order.
+
+    An annotation is an ignore region when ``iscrowd`` (or ``ignore``) is set.
+    Raises ``ValueError`` when an annotation has no true box, a category id is
+    out of range, or an image id repeats.
+    """
+    # Load first: a point json sets its thing_classes when it is loaded.
+    records = DatasetCatalog.get(dataset_name)
+    class_names = getattr(MetadataCatalog.get(dataset_name), "thing_classes", None)
+    if not class_names:
+        raise ValueError(f"dataset '{dataset_name}' has no thing_classes in its metadata; "
+                         "register it with cpr_d2.data.register_point_coco or set them")
+    num_classes = len(class_names)
+    image_ids: List = []
+    gts: List[Dict[str, np.ndarray]] = []
+    seen = set()
+    for record in records:
+        image_id = record["image_id"]
+        if image_id in seen:
+            raise ValueError(
+                f"dataset '{dataset_name}': image_id {image_id!r} appears more than once"
+            )
+        seen.add(image_id)
+        boxes, classes, crowd = [], [], []
+        for k, ann in enumerate(record.get("annotations", [])):
+            if ann.get("bbox") is None:
+                raise ValueError(
+                    f"dataset '{dataset_name}': annotation {ann.get('id', k)!r} of image "
+                    f"{image_id!r} has no "
+                    "'bbox'. Point AP places each GT at the centre of its true box and measures "
+                    "distances in units of that box, so every annotation needs its true box "
+                    "('bbox' and 'bbox_mode'). Evaluate on a registration of this split that "
+                    "keeps the true boxes; a point-only dataset can be trained on but not "
+                    "evaluated with this metric."
+                )
+            mode = ann.get("bbox_mode", BoxMode.XYWH_ABS)
+            box = ann["bbox"] if mode == BoxMode.XYWH_ABS else BoxMode.convert(
+                list(ann["bbox"]), mode, BoxMode.XYWH_ABS
+            )
+            category = int(ann["category_id"])
+            if not 0 <= category < num_classes:
+                raise ValueError(
+                    f"dataset '{dataset_name}': image {image_id!r} has category_id {category}, "
+                    f"outside [0, {num_classes}) (thing_classes); category ids must be contiguous"
+                )
+            boxes.append([float(v) for v in box])
+            classes.append(category)
+            crowd.append(bool(ann.get("iscrowd", 0)) or bool(ann.get("ignore", 0)))
+        image_ids.append(image_id)
+        gts.append(
+            {
+                "boxes": np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+                "classes": np.asarray(classes, dtype=np.int64),
+                "iscrowd": np.asarray(crowd, dtype=bool),
+            }
+        )
+    return list(class_names), image_ids, gts
+
+
+def _merge_predictions(per_rank: Iterable[Sequence[dict]]) -> "OrderedDict":
+    """``{image_id: prediction}`` from the lists gathered from every rank; an image
+    seen more than once (e.g. padded by a sampler) keeps its first prediction."""
+    merged: "OrderedDict" = OrderedDict()
+    for pred in itertools.chain.from_iterable(per_rank):
+        merged.setdefault(pred["image_id"], pred)
+    return merged
+
+
+class PointAPEvaluator(DatasetEvaluator):
+    """Point AP (and counting MAE / RMSE) of point predictions on a registered dataset.
+
+    Args:
+        dataset_name: a dataset in ``DatasetCatalog`` whose annotations carry
+            true boxes; ``MetadataCatalog.get(dataset_name).thing_classes`` names
+            the classes (all of them count in the mean AP).
+        distributed: gather predictions from all ranks; the main process evaluates.
+        output_dir: where ``point_predictions.json`` is written (None: not written).
+        taus, size_ranges, max_dets, clean, count_score_thresh: see
+            :func:`cpr_d2.evaluation.point_ap.evaluate_point_ap`.
+
+    ``evaluate()`` returns ``{"point_ap": {...}}``: AP metrics in percent
+    (``mAP``, ``AP@0.5``, ``AP@1``, ``AP@2``, ``AP@1/small``, ..., and
+    ``AP-<class>``, the class's AP averaged over taus in the range ``all``),
+    ``MAE`` and ``RMSE`` in objects per image.
+    """
+
+    def __init__(
+        self,
+        dataset_name: str,
+        distributed: bool = True,
+        output_dir=None,
+        *,
+        taus: Sequence[float] = DEFAULT_TAUS,
+        size_ranges="coco",
+        max_dets: int = 100,
+        clean: bool = False,
+        count_score_thresh: float = 0.5,
+    ):
+        self._logger = logging.getLogger(__name__)
+        self._dataset_name = dataset_name
+        self._distributed = distributed
+        self._output_dir = output_dir
+        _check_taus(taus)
+        _resolve_size_ranges(size_ranges)
+        self._eval_kwargs = dict(
+            taus=tuple(taus), size_ranges=size_ranges, max_dets=max_dets, clean=clean,
+            count_score_thresh=count_score_thresh,
+        )
+        self._class_names, self._image_ids, self._gts = load_point_ground_truth(dataset_name)
+        self._index = {image_id: i for i, image_id in enumerate(self._image_ids)}
+        self.reset()
+
+    def reset(self):
+        self._predictions = []
+
+    def process(self, inputs, outputs):
+        for inp, out in zip(inputs, outputs):
+            instances = out["instances"]
+            missing = [f for f in _PRED_FIELDS if not instances.has(f)]
+            if missing:
+                raise KeyError(
+                    f"PointAPEvaluator needs Instances with fields {_PRED_FIELDS}; "
+                    f"missing {missing}"
+                )
+            points = instances.pred_points.detach().cpu().numpy()
+            scores = instances.scores.detach().cpu().numpy()
+            classes = instances.pred_classes.detach().cpu().numpy()
+            self._predictions.append(
+                {
+                    "image_id": inp["image_id"],
+                    "points": points.astype(np.float64).reshape(-1, 2),
+                    "scores": scores.astype(np.float32).reshape(-1),
+                    "classes": classes.astype(np.int64).reshape(-1),
+                }
+            )
+
+    def evaluate(self):
+        if self._distributed:
+            comm.synchronize()
+            per_rank = comm.gather(self._predictions, dst=0)
+            if not comm.is_main_process():
+                return {}
+        else:
+            per_rank = [self._predictions]
+        predictions = _merge_predictions(per_rank)
+        if not predictions:
+            self._logger.warning("[PointAPEvaluator] Did not receive any predictions.")
+            return {}
+        unknown = [i for i in predictions if i not in self._index]
+        if unknown:
+            raise ValueError(
+                f"predictions for {len(unknown)} image(s) not in dataset '{self._dataset_name}', "
+                f"e.g. image_id {unknown[0]!r}"
+            )
+        if len(predictions) < len(self._image_ids):
+            self._logger.warning(
+                f"[PointAPEvaluator] {len(self._image_ids) - len(predictions)} of "
+                f"{len(self._image_ids)} images have no predictions; they count as empty."
+            )
+        empty = {"points": np.zeros((0, 2)), "scores": np.zeros(0, np.float32),
+                 "classes": np.zeros(0, np.int64)}
+        dets = [predictions.get(image_id, empty) for image_id in self._image_ids]
+
+        if self._output_dir:
+            self._write_predictions(dets)
+
+        result = evaluate_point_ap(self._gts, dets, len(self._class_names), **self._eval_kwargs)
+        self._log(result)
+        metrics = OrderedDict(
+            (name, value if name in ("MAE", "RMSE") else 100.0 * value)
+            for name, value in result.metrics().items()
+        )
+        if "all" in result.range_names:
+            per_class = result.ap[:, result.range_names.index("all")].mean(axis=0)
+            for name, value in zip(self._class_names, per_class):
+                metrics[f"AP-{name}"] = 100.0 * float(value)
+        return OrderedDict(point_ap=metrics)
+
+    def _write_predictions(self, dets):
+        rows = []
+        for image_id, d in zip(self._image_ids, dets):
+            columns = (d["points"].tolist(), d["scores"].tolist(), d["classes"].tolist())
+            for (x, y), s, c in zip(*columns):
+                rows.append({"image_id": image_id, "category_id": c, "point": [x, y], "score": s})
+        path = os.path.join(self._output_dir, PREDICTIONS_FILE)
+        write_json_atomic(rows, path)
+        self._logger.info(f"Saved {len(rows)} point predictions to {path}")
+
+    def _log(self, result):
+        conventions = "clean" if result.clean else "official conventions"
+        mean_ap = result.mean_ap
+        header = ["range", "#GT", "mAP"] + [f"AP@{t:g}" for t in result.taus]
+        rows = []
+        for r, name in enumerate(result.range_names):
+            lo, hi = result.size_ranges[r]
+            rows.append(
+                [f"{name} [{lo:g}, {hi:g})", int(result.num_positives[r].sum()),
+                 100 * float(np.mean(mean_ap[:, r]))] + [100 * float(v) for v in mean_ap[:, r]]
+            )
+        table = tabulate(rows, headers=header, tablefmt="pipe", floatfmt=".3f", numalign="left")
+        self._logger.info(
+            f"Point AP on '{self._dataset_name}' ({result.num_images} images, max_dets "
+            f"{result.max_dets}, {conventions}):\n{table}\n"
+            f"Counting: MAE {result.mae:.3f}, RMSE {result.rmse:.3f} "
+            f"(detections with score > {result.count_score_thresh:g})"
+        )
+        if "all" in result.range_names and len(self._class_names) > 1:
+            per_class = result.ap[:, result.range_names.index("all")].mean(axis=0)
+            pairs = [(name, 100 * float(v)) for name, v in zip(self._class_names, per_class)]
+            cols = min(6, 2 * len(pairs))
+            flat = list(itertools.chain(*pairs))
+            grid = itertools.zip_longest(*[flat[i::cols] for i in range(cols)])
+            table = tabulate(grid, headers=["category", "AP"] * (cols // 2), tablefmt="pipe",
+                             floatfmt=".3f", numalign="left")
+            self._logger.info(f"Per-category point AP (mean over taus, range 'all'):\n{table}")
+
+
+def build_point_evaluator(cfg, dataset_name, output_dir=None, distributed=True):
+    """A PointAPEvaluator configured by cfg.TEST.POINT_AP; empty or zero keys take the
+    dataset's metadata (`size_ranges`, `max_dets`), then the COCO defaults."""
+    keys = cfg.TEST.POINT_AP
+    metadata = MetadataCatalog.get(dataset_name)
+    return PointAPEvaluator(
+        dataset_name,
+        distributed=distributed,
+        output_dir=output_dir,
+        taus=tuple(keys.TAUS),
+        size_ranges=keys.SIZE_RANGES or getattr(metadata, "size_ranges", "coco"),
+        max_dets=keys.MAX_DETS or getattr(metadata, "max_dets", 100),
+        clean=keys.CLEAN,
+        count_score_thresh=keys.COUNT_SCORE_THRESH,
+    )
