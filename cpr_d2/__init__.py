@@ -1,11 +1,12 @@
 """cpr_d2: coarse point refinement (CPR) and P2PNet for point-supervised object
 localization, as a detectron2 project.
 
-Importing the package registers its datasets. It never fails for lack of the
+Importing the package registers its datasets, backbone and models. It never fails for lack of the
 compiled op: the point ops then fall back to their PyTorch references and say
 so once in the log.
 """
 __version__ = "0.1.0"
 
 from . import data  # noqa: E402,F401  (registers the datasets)
-from .config import add_point_data_config, get_cpr_d2_cfg  # noqa: E402,F401
+from . import modeling  # noqa: E402,F401  (registers the backbone and meta-architectures)
+from .config import add_cpr_config, add_point_data_config, get_cpr_d2_cfg  # noqa: E402,F401

@@ -28,6 +28,7 @@ __all__ = [
     "Comparison",
     "normalized_offsets",
     "semantic_variance",
+    "semantic_variance_by_range",
     "semantic_variance_json",
     "compare_point_jsons",
     "format_table",
@@ -163,7 +164,11 @@ def _collect(data: Dict, point_key: str, include_crowd: bool, source: str) -> _O
     )
 
 
-def _by_range(points, boxes, labels, size_ranges, min_per_class) -> Dict[str, VarianceStats]:
+def semantic_variance_by_range(
+    points, boxes, labels, size_ranges=DEFAULT_SIZE_RANGES, min_per_class: int = 2
+) -> Dict[str, VarianceStats]:
+    """semantic_variance per object-size range (sqrt(w*h) in [lo, hi)), {name: stats}."""
+    points, boxes, labels = np.asarray(points), np.asarray(boxes), np.asarray(labels)
     sizes = np.sqrt(boxes[:, 2] * boxes[:, 3])
     out = {}
     for name, lo, hi in size_ranges:
@@ -193,7 +198,7 @@ def semantic_variance_json(
         raise ValueError(
             f"{source}: no annotation has a true box ('bbox'); semantic variance needs one"
         )
-    ranges = _by_range(objects.points, objects.boxes, objects.labels, size_ranges, min_per_class)
+    ranges = semantic_variance_by_range(objects.points, objects.boxes, objects.labels, size_ranges, min_per_class)
     return JsonVariance(ranges=ranges, used=len(objects.ids), skipped=objects.skipped)
 
 
@@ -247,8 +252,8 @@ def compare_point_jsons(
     rows_a, rows_b = np.array(rows_a), np.array(rows_b)
     boxes, labels = objs_a.boxes[rows_a], objs_a.labels[rows_a]
     return Comparison(
-        a=_by_range(objs_a.points[rows_a], boxes, labels, size_ranges, min_per_class),
-        b=_by_range(objs_b.points[rows_b], boxes, labels, size_ranges, min_per_class),
+        a=semantic_variance_by_range(objs_a.points[rows_a], boxes, labels, size_ranges, min_per_class),
+        b=semantic_variance_by_range(objs_b.points[rows_b], boxes, labels, size_ranges, min_per_class),
         matched=len(rows_a),
         only_in_a=len(objs_a.ids) - len(rows_a),
         only_in_b=len(objs_b.ids) - len(rows_b),

@@ -1,0 +1,227 @@
+"""CPRNet: coarse point refinement as a detectron2 meta-architecture.
+
+Training reads, for every object, the head's outputs at the points of its
+positive bag (rings around the annotated point) and at the negative cells,
+through the compiled op; inference refines each annotated point (README,
+"CPRNet").
+
+The head's two per-point linear outputs (class and instance logits) are
+applied as 1x1 convolutions to the tower's output *before* sampling. Bilinear
+sampling is linear and its weights sum to one, so this equals sampling the
+tower's features and then applying the linear layers, while the op gathers
+2C channels per bag point instead of the tower's 256.
+"""
+import math
+
+import torch
+import torch.nn as nn
+from detectron2.config import configurable
+from detectron2.layers import get_norm
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import ImageList, Instances
+
+from cpr_d2.layers import bag_gather, bag_size, negative_mask, ring_offsets
+
+from .backbone import single_level_feature_name
+from .cpr_losses import annotation_loss, mil_loss, negative_loss, refine_points
+
+__all__ = ["CPRHead", "CPRNet"]
+
+
+class CPRHead(nn.Module):
+    """A tower of `num_convs` x (3x3 conv, GroupNorm(32), ReLU), then two 1x1 outputs:
+    class logits (sigmoid, bias from `prior_prob`) and instance logits, C maps each."""
+
+    def __init__(self, in_channels, num_classes, num_convs=4, conv_channels=256, prior_prob=0.01):
+        super().__init__()
+        layers = []
+        for k in range(num_convs):
+            layers += [
+                nn.Conv2d(in_channels if k == 0 else conv_channels, conv_channels, 3, padding=1),
+                get_norm("GN", conv_channels),
+                nn.ReLU(inplace=True),
+            ]
+        self.tower = nn.Sequential(*layers)
+        out_channels = conv_channels if num_convs else in_channels
+        self.cls_logits = nn.Conv2d(out_channels, num_classes, 1)
+        self.ins_logits = nn.Conv2d(out_channels, num_classes, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.constant_(m.bias, 0)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def forward(self, features):
+        x = self.tower(features)
+        return self.cls_logits(x), self.ins_logits(x)
+
+
+def _cell_centres_inside(height, width, stride, image_size, device):
+    """(H*W,) bool: cells whose centre lies on the image (not in the batch padding)."""
+    ys = (torch.arange(height, device=device, dtype=torch.float64) + 0.5) * stride
+    xs = (torch.arange(width, device=device, dtype=torch.float64) + 0.5) * stride
+    inside_y = ys <= image_size[0]
+    inside_x = xs <= image_size[1]
+    return (inside_y[:, None] & inside_x[None, :]).reshape(-1)
+
+
+@META_ARCH_REGISTRY.register()
+class CPRNet(nn.Module):
+    """Coarse point refinement network.
+
+    Inputs (a list of dicts from PointDatasetMapper with annotations): "image",
+    "instances" with gt_points (in the input image's pixels) and gt_classes,
+    and "height"/"width" of the original image.
+
+    Training returns {"loss_cpr_mil", "loss_cpr_ann", "loss_cpr_neg"}, weighted.
+    Inference returns, for every image, {"instances": Instances} in the
+    original image's pixels, one row per input object: pred_points (refined),
+    scores (mean kept bag score, 0 when none), pred_classes, coarse_points,
+    num_kept, refined (bool: False where the annotated point stayed) and
+    gt_ann_index; with return_bag_scores also bag_points (N, P, 2) and
+    bag_scores (N, P).
+    """
+
+    @configurable
+    def __init__(self, *, backbone, head, in_feature, stride, num_classes, radius,
+                 focal_gamma=2.0, mil_weight=0.25, ann_weight=0.125, neg_weight=0.75,
+                 refine_score_thresh=0.1, refine_relative_thresh=0.5, return_bag_scores=False,
+                 pixel_mean, pixel_std):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.in_feature = in_feature
+        self.stride = float(stride)
+        self.num_classes = num_classes
+        self.radius = radius
+        self.focal_gamma = focal_gamma
+        self.loss_weights = {"mil": mil_weight, "ann": ann_weight, "neg": neg_weight}
+        self.refine_score_thresh = refine_score_thresh
+        self.refine_relative_thresh = refine_relative_thresh
+        self.return_bag_scores = return_bag_scores
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        in_feature = single_level_feature_name(cfg)
+        shape = backbone.output_shape()[in_feature]
+        c = cfg.MODEL.CPR
+        return {
+            "backbone": backbone,
+            "head": CPRHead(shape.channels, c.NUM_CLASSES, c.NUM_CONVS, c.CONV_CHANNELS,
+                            c.PRIOR_PROB),
+            "in_feature": in_feature,
+            "stride": shape.stride,
+            "num_classes": c.NUM_CLASSES,
+            "radius": c.RADIUS,
+            "focal_gamma": c.FOCAL_GAMMA,
+            "mil_weight": c.MIL_WEIGHT,
+            "ann_weight": c.ANN_WEIGHT,
+            "neg_weight": c.NEG_WEIGHT,
+            "refine_score_thresh": c.REFINE_SCORE_THRESH,
+            "refine_relative_thresh": c.REFINE_RELATIVE_THRESH,
+            "return_bag_scores": c.RETURN_BAG_SCORES,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def _targets(self, batched_inputs):
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError(
+                "CPRNet needs the annotated points of every image ('instances' with gt_points "
+                "and gt_classes), in training and in refinement alike; build the loader with "
+                "PointDatasetMapper(cfg, is_train=..., with_annotations=True)")
+        instances = [x["instances"].to(self.device) for x in batched_inputs]
+        for inst in instances:
+            if len(inst) and int(inst.gt_classes.max()) >= self.num_classes:
+                raise ValueError(
+                    f"an object has class {int(inst.gt_classes.max())} but MODEL.CPR.NUM_CLASSES "
+                    f"is {self.num_classes}; set it to the dataset's number of classes")
+        return instances
+
+    def forward(self, batched_inputs):
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
+        targets = self._targets(batched_inputs)
+        features = self.backbone(images.tensor)[self.in_feature]
+        cls_map, ins_map = self.head(features)
+
+        points = torch.cat([t.gt_points for t in targets]).float()
+        labels = torch.cat([t.gt_classes for t in targets])
+        counts = [len(t) for t in targets]
+        batch_idx = torch.repeat_interleave(torch.arange(len(targets), device=self.device),
+                                            torch.tensor(counts, device=self.device))
+        image_sizes = torch.tensor(images.image_sizes, dtype=torch.int64, device=self.device)
+        # One gather serves both outputs: (N, P, 2C).
+        bag, valid = bag_gather(torch.cat([cls_map, ins_map], dim=1), points, batch_idx,
+                                image_sizes, self.radius, self.stride)
+        bag_cls, bag_ins = bag.split(self.num_classes, dim=2)
+
+        if self.training:
+            return self.losses(cls_map, bag_cls, bag_ins, valid, points, labels, counts,
+                               images.image_sizes)
+        return self.refine(batched_inputs, images.image_sizes, bag_cls, valid, points, labels,
+                           counts, targets)
+
+    def _negative_logits(self, cls_map, points, labels, counts, image_sizes):
+        """Class logits of every negative (cell, class) pair of the batch, 1-D."""
+        _, num_classes, height, width = cls_map.shape
+        selected = []
+        for b, (pts, lab) in enumerate(zip(points.split(counts), labels.split(counts))):
+            with torch.no_grad():
+                mask = negative_mask(pts, lab, (height, width), self.stride, self.radius, num_classes)
+                mask &= _cell_centres_inside(height, width, self.stride, image_sizes[b],
+                                             cls_map.device)[:, None]
+            logits = cls_map[b].permute(1, 2, 0).reshape(-1, num_classes)
+            selected.append(logits[mask])
+        return torch.cat(selected)
+
+    def losses(self, cls_map, bag_cls, bag_ins, valid, points, labels, counts, image_sizes):
+        gamma = self.focal_gamma
+        neg_logits = self._negative_logits(cls_map, points, labels, counts, image_sizes)
+        losses = {
+            "loss_cpr_mil": mil_loss(bag_cls, bag_ins, valid, labels, gamma),
+            "loss_cpr_ann": annotation_loss(bag_cls[:, -1], labels, gamma),
+            "loss_cpr_neg": negative_loss(neg_logits, len(labels), gamma),
+        }
+        # An image batch without objects still reaches every parameter (zero gradient).
+        anchor = cls_map.sum() * 0
+        return {k: self.loss_weights[k.rsplit("_", 1)[-1]] * v + anchor for k, v in losses.items()}
+
+    @torch.no_grad()
+    def refine(self, batched_inputs, image_sizes, bag_cls, valid, points, labels, counts, targets):
+        offsets = ring_offsets(self.radius, self.stride, points.device)
+        bag_coords = (points.double()[:, None, :] + offsets[None]).float()
+        bag_prob = bag_cls.sigmoid()
+        results = []
+        start = 0
+        for b, (inp, n) in enumerate(zip(batched_inputs, counts)):
+            rows = slice(start, start + n)
+            start += n
+            refined, score, num_kept, refined_mask = refine_points(
+                bag_coords[rows], valid[rows], bag_prob[rows], points[rows], labels[rows],
+                self.refine_score_thresh, self.refine_relative_thresh)
+            height, width = image_sizes[b]
+            out_h, out_w = inp.get("height", height), inp.get("width", width)
+            scale = points.new_tensor([out_w / width, out_h / height])
+            inst = Instances((out_h, out_w))
+            inst.pred_points = refined * scale
+            inst.coarse_points = points[rows] * scale
+            inst.scores = score
+            inst.pred_classes = labels[rows]
+            inst.num_kept = num_kept
+            inst.refined = refined_mask
+            inst.gt_ann_index = targets[b].gt_ann_index if targets[b].has("gt_ann_index") else \
+                torch.arange(n, device=points.device)
+            if self.return_bag_scores:
+                inst.bag_points = bag_coords[rows] * scale
+                inst.bag_scores = bag_prob[rows].gather(
+                    2, labels[rows].view(-1, 1, 1).expand(-1, bag_size(self.radius), 1)).squeeze(2)
+            results.append({"instances": inst})
+        return results
