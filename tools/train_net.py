@@ -24,7 +24,10 @@ def main(args):
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    trainer.train()
+    # The final evaluation's results (DefaultTrainer.train returns them only
+    # when TEST.EXPECTED_RESULTS is set).
+    return getattr(trainer, "_last_eval_results", None)
 
 
 if __name__ == "__main__":

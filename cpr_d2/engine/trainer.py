@@ -53,14 +53,25 @@ class Trainer(DefaultTrainer):
             params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
 
 
+def _merge(cfg, merge, source):
+    try:
+        merge()
+    except (KeyError, AssertionError) as e:
+        message = str(e).strip("'\"")
+        if "Non-existent" not in message:
+            raise
+        raise KeyError(f"{source}: {message}. Check the spelling; cpr_d2's keys and their "
+                       "meaning are in cpr_d2/config.py, detectron2's in its defaults.py") from None
+
+
 def setup_cfg(args):
     """The config of a tools/ command line: cpr_d2's keys, the file, the overrides."""
     cfg = get_cpr_d2_cfg()
     if args.config_file:
         if not os.path.isfile(args.config_file):
             raise FileNotFoundError(f"config file not found: {args.config_file}")
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+        _merge(cfg, lambda: cfg.merge_from_file(args.config_file), args.config_file)
+    _merge(cfg, lambda: cfg.merge_from_list(args.opts), "command-line override")
     cfg.freeze()
     set_outside_image_policy(cfg.DATASETS.POINTS_OUTSIDE_IMAGE)
     default_setup(cfg, args)

@@ -12,7 +12,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .point_coco import load_point_json
 
-__all__ = ["BUILTIN_POINT_DATASETS", "register_all_builtin"]
+__all__ = ["BUILTIN_POINT_DATASETS", "dataset_files", "register_all_builtin"]
 
 _COARSE = "noise_rg-0-0-0.25-0.25_1/pseuw16h16"
 
@@ -35,6 +35,9 @@ BUILTIN_POINT_DATASETS = {
     "seaperson_test_points": ("tiny_set_v2/anns/release/rgb_test.json", "tiny_set_v2/images", True),
 }
 
+# Built on first use from the NEON images in the deepforest package: name -> split.
+_FOREST_SPLITS = {"forest": "train", "forest_test": "test"}
+
 # Dataset-specific evaluation settings, read by the evaluator.
 _EVAL_METADATA = {
     "seaperson": dict(size_ranges="tinyperson", max_dets=1000),
@@ -45,9 +48,34 @@ def datasets_root():
     return os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets"))
 
 
-def _load_builtin(name, json_rel, image_rel, evaluation_set):
+def _builtin_files(name):
+    json_rel, image_rel, _ = BUILTIN_POINT_DATASETS[name]
     root = datasets_root()
-    json_file, image_root = os.path.join(root, json_rel), os.path.join(root, image_rel)
+    return os.path.join(root, json_rel), os.path.join(root, image_rel)
+
+
+def dataset_files(name):
+    """(json file, image root) of a registered point dataset: a builtin (resolved now,
+    building `forest` if needed) or one registered with register_point_coco."""
+    if name in BUILTIN_POINT_DATASETS:
+        return _builtin_files(name)
+    if name in _FOREST_SPLITS:
+        from .forest import build_forest
+
+        return build_forest(_FOREST_SPLITS[name])
+    if name not in DatasetCatalog.list():
+        raise KeyError(f"dataset '{name}' is not registered; registered point datasets include "
+                       f"{sorted(list(BUILTIN_POINT_DATASETS) + list(_FOREST_SPLITS))}")
+    meta = MetadataCatalog.get(name)
+    if not (hasattr(meta, "json_file") and hasattr(meta, "image_root")):
+        raise ValueError(f"dataset '{name}' has no json_file/image_root in its metadata; "
+                         "register it with cpr_d2.data.register_point_coco")
+    return meta.json_file, meta.image_root
+
+
+def _load_builtin(name, evaluation_set):
+    json_file, image_root = _builtin_files(name)
+    root = datasets_root()
     if not os.path.isfile(json_file):
         raise FileNotFoundError(
             f"dataset '{name}' expects its annotations at {json_file} (DETECTRON2_DATASETS="
@@ -56,23 +84,20 @@ def _load_builtin(name, json_rel, image_rel, evaluation_set):
     return load_point_json(json_file, image_root, name, box_centre_points=evaluation_set)
 
 
-def _load_forest(name, split):
-    from .forest import build_forest
-
-    json_file, image_root = build_forest(split)
+def _load_forest(name):
+    json_file, image_root = dataset_files(name)
     return load_point_json(json_file, image_root, name)
 
 
 def register_all_builtin():
-    for name, (json_rel, image_rel, evaluation_set) in BUILTIN_POINT_DATASETS.items():
+    for name, (_, _, evaluation_set) in BUILTIN_POINT_DATASETS.items():
         if name in DatasetCatalog.list():
             continue
-        DatasetCatalog.register(
-            name, lambda n=name, j=json_rel, i=image_rel, e=evaluation_set: _load_builtin(n, j, i, e))
+        DatasetCatalog.register(name, lambda n=name, e=evaluation_set: _load_builtin(n, e))
         extra = next((v for k, v in _EVAL_METADATA.items() if name.startswith(k)), {})
         MetadataCatalog.get(name).set(evaluator_type="point_ap", **extra)
-    for name, split in (("forest", "train"), ("forest_test", "test")):
+    for name in _FOREST_SPLITS:
         if name in DatasetCatalog.list():
             continue
-        DatasetCatalog.register(name, lambda n=name, s=split: _load_forest(n, s))
+        DatasetCatalog.register(name, lambda n=name: _load_forest(n))
         MetadataCatalog.get(name).set(evaluator_type="point_ap", thing_classes=["tree"])

@@ -1,0 +1,85 @@
+"""Refine every annotation of a dataset with a trained CPRNet and export the result."""
+import copy
+import itertools
+import json
+import logging
+import os
+
+import torch
+from detectron2.data import DatasetCatalog, build_detection_test_loader
+from detectron2.utils import comm
+from tqdm import tqdm
+
+from cpr_d2.data import PointDatasetMapper
+from cpr_d2.utils.io import write_json_atomic
+
+__all__ = ["export_refined", "refine_dataset", "refined_json"]
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def refine_dataset(cfg, model, dataset_name, progress=True):
+    """{annotation id: {"point", "score", "coarse_point", "refined"}} for every object
+    CPRNet saw (crowd objects and points off their image are not refined).
+
+    Runs on this process's share of the dataset and gathers all shares on the
+    main process (other processes get {}).
+    """
+    records = {r["image_id"]: r for r in DatasetCatalog.get(dataset_name)}
+    mapper = PointDatasetMapper(cfg, is_train=False, with_annotations=True)
+    loader = build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+    was_training = model.training
+    model.eval()
+    rows = {}
+    try:
+        show = progress and comm.is_main_process()
+        for inputs in tqdm(loader, desc=f"refining {dataset_name}", disable=not show):
+            for inp, out in zip(inputs, model(inputs)):
+                inst = out["instances"].to("cpu")
+                anns = records[inp["image_id"]]["annotations"]
+                for k, index in enumerate(inst.gt_ann_index.tolist()):
+                    rows[anns[index]["id"]] = {
+                        "point": inst.pred_points[k].tolist(),
+                        "score": float(inst.scores[k]),
+                        "coarse_point": inst.coarse_points[k].tolist(),
+                        "refined": bool(inst.refined[k]),
+                    }
+    finally:
+        model.train(was_training)
+    if comm.get_world_size() > 1:
+        gathered = comm.gather(rows, dst=0)
+        if not comm.is_main_process():
+            return {}
+        rows = dict(itertools.chain.from_iterable(r.items() for r in gathered))
+    return rows
+
+
+def refined_json(source, refined):
+    """A copy of the point json `source` (a dict) whose annotations, matched by id, have
+    `point` replaced by the refined point, plus `coarse_point` (the point it replaced)
+    and `refine_score`. Every other field is kept; annotations without a refinement are
+    left as they are. Returns (json dict, number of annotations refined)."""
+    out = copy.deepcopy(source)
+    count = 0
+    for ann in out.get("annotations", []):
+        row = refined.get(ann.get("id"))
+        if row is None:
+            continue
+        ann["coarse_point"] = ann["point"] if "point" in ann else row["coarse_point"]
+        ann["point"] = row["point"]
+        ann["refine_score"] = row["score"]
+        count += 1
+    return out, count
+
+
+def export_refined(source_json, refined, output):
+    """Write refined_json(...) atomically to `output` (never over `source_json`)."""
+    if os.path.abspath(output) == os.path.abspath(source_json):
+        raise ValueError(f"--output {output} is the input json; write the refined points to a "
+                         "new file")
+    with open(source_json, encoding="utf-8") as f:
+        source = json.load(f)
+    data, count = refined_json(source, refined)
+    write_json_atomic(data, output)
+    return source, data, count
