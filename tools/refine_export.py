@@ -43,7 +43,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    cfg = setup_cfg(args)
+    cfg = setup_cfg(args, output_subdir="refine_export")
     if cfg.MODEL.META_ARCHITECTURE != "CPRNet":
         raise ValueError(f"{args.config_file} builds {cfg.MODEL.META_ARCHITECTURE}; refinement "
                          "needs a CPRNet config")

@@ -64,14 +64,18 @@ def _merge(cfg, merge, source):
                        "meaning are in cpr_d2/config.py, detectron2's in its defaults.py") from None
 
 
-def setup_cfg(args):
-    """The config of a tools/ command line: cpr_d2's keys, the file, the overrides."""
+def setup_cfg(args, output_subdir=None):
+    """The config of a tools/ command line: cpr_d2's keys, the file, the overrides.
+    `output_subdir` puts this command's logs and config under OUTPUT_DIR/<subdir>, so
+    that it does not overwrite a training run's."""
     cfg = get_cpr_d2_cfg()
     if args.config_file:
         if not os.path.isfile(args.config_file):
             raise FileNotFoundError(f"config file not found: {args.config_file}")
         _merge(cfg, lambda: cfg.merge_from_file(args.config_file), args.config_file)
     _merge(cfg, lambda: cfg.merge_from_list(args.opts), "command-line override")
+    if output_subdir:
+        cfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, output_subdir)
     cfg.freeze()
     set_outside_image_policy(cfg.DATASETS.POINTS_OUTSIDE_IMAGE)
     default_setup(cfg, args)
