@@ -1,10 +1,13 @@
-"""Loading a COCO-size point json: cpr_d2's loader vs detectron2's load_coco_json.
+"""The data layer's speed: loading and evaluation, each against its detectron2 /
+pycocotools counterpart, in one process.
 
-    python benchmarks/bench_data.py [--images 118000] [--annotations 860000]
+    python benchmarks/bench_data.py [--images 118000] [--annotations 860000] [--skip-eval]
 
-Both read the same generated file (every annotation has a true box and a
-point), in one process; the ratio is ours / detectron2's (goal: <= 1.5).
-The evaluator's speed against pycocotools is measured by bench_eval.py.
+1. Loading: cpr_d2's load_point_json vs detectron2's load_coco_json on the same
+   generated COCO-size point json (every annotation has a true box and a
+   point); ratio ours / detectron2's (goal <= 1.5).
+2. Evaluation: point AP on 5,000 images x 100 predictions vs pycocotools'
+   COCOeval on the same detections as boxes (bench_eval.py; goal <= 2).
 """
 import argparse
 import json
@@ -50,6 +53,7 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=118_000)
     parser.add_argument("--annotations", type=int, default=860_000)
+    parser.add_argument("--skip-eval", action="store_true", help="only the loading comparison")
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # detectron2 logs per-call details
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,6 +69,11 @@ def main():
     print(f"{'detectron2 load_coco_json':28} {t_d2:8.2f} {n_d2:12d}")
     print(f"{'cpr_d2 load_point_json':28} {t_ours:8.2f} {n_ours:12d}")
     print(f"ratio ours / detectron2: {t_ours / t_d2:.2f} (goal <= 1.5)")
+    if not args.skip_eval:
+        from bench_eval import main as bench_eval
+
+        print()
+        bench_eval(["--repeats", "1"])
 
 
 if __name__ == "__main__":

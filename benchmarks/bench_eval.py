@@ -77,7 +77,7 @@ def median_time(fn, repeats):
     return statistics.median(times), out
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--per-image", type=int, default=100)
@@ -86,7 +86,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--coco-repeats", type=int, default=1)
     parser.add_argument("--skip-coco", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     gts, dets = make_data(args.images, args.per_image, args.classes, args.seed)
     n_gt = sum(len(g["classes"]) for g in gts)

@@ -1,0 +1,70 @@
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Instances
+
+from cpr_d2.config import get_cpr_d2_cfg
+
+
+def tiny_cprnet(num_classes=2, radius=2):
+    cfg = get_cpr_d2_cfg()
+    cfg.merge_from_file("configs/forest/Base-forest.yaml")
+    cfg.MODEL.META_ARCHITECTURE = "CPRNet"
+    cfg.MODEL.CPR.NUM_CLASSES = num_classes
+    cfg.MODEL.CPR.RADIUS = radius
+    cfg.MODEL.CPR.NUM_CONVS = 1
+    cfg.MODEL.CPR.CONV_CHANNELS = 64
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def sample(height, width, points, classes, out_scale=2):
+    inst = Instances((height, width))
+    inst.gt_points = torch.tensor(points, dtype=torch.float32).reshape(-1, 2)
+    inst.gt_classes = torch.tensor(classes, dtype=torch.long)
+    inst.gt_ann_index = torch.arange(len(classes))
+    return {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8),
+            "instances": inst, "height": height * out_scale, "width": width * out_scale}
+
+
+def test_training_with_an_image_without_objects_reaches_every_parameter():
+    model = tiny_cprnet()
+    losses = model([sample(96, 128, [[30.0, 40.0], [90.0, 20.0]], [0, 1]), sample(64, 80, [], [])])
+    assert set(losses) == {"loss_cpr_mil", "loss_cpr_ann", "loss_cpr_neg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    assert model.backbone.bottom_up.stem.conv1.weight.grad.abs().sum() > 0
+
+
+def test_a_batch_without_any_object_trains():
+    model = tiny_cprnet()
+    losses = model([sample(64, 64, [], []), sample(64, 80, [], [])])
+    assert losses["loss_cpr_mil"] == 0 and losses["loss_cpr_ann"] == 0
+    assert losses["loss_cpr_neg"] > 0  # every cell is a negative for every class
+    sum(losses.values()).backward()
+
+
+def test_refinement_returns_every_object_in_original_pixels():
+    model = tiny_cprnet().eval()
+    points = [[30.0, 40.0], [90.0, 20.0], [10.0, 70.0]]
+    with torch.no_grad():
+        out = model([sample(96, 128, points, [0, 1, 1]), sample(64, 80, [], [])])
+    assert len(out) == 2
+    first = out[0]["instances"]
+    assert first.image_size == (192, 256)
+    assert torch.equal(first.coarse_points, torch.tensor(points) * 2)
+    assert first.pred_points.shape == (3, 2) and first.pred_classes.tolist() == [0, 1, 1]
+    assert first.gt_ann_index.tolist() == [0, 1, 2]
+    # Moved points are p-weighted means of bag points: within R * stride of the annotation.
+    assert ((first.pred_points - first.coarse_points).norm(dim=1) <= 2 * 8 * 2 + 1e-3).all()
+    assert len(out[1]["instances"]) == 0
+
+
+def test_clear_errors_for_missing_annotations_and_classes():
+    model = tiny_cprnet().eval()
+    with pytest.raises(ValueError, match="with_annotations=True"):
+        model([{"image": torch.zeros(3, 32, 32, dtype=torch.uint8), "height": 32, "width": 32}])
+    with pytest.raises(ValueError, match="MODEL.CPR.NUM_CLASSES is 2"):
+        model([sample(32, 32, [[5.0, 5.0]], [4])])
