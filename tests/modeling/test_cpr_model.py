@@ -68,3 +68,16 @@ def test_clear_errors_for_missing_annotations_and_classes():
         model([{"image": torch.zeros(3, 32, 32, dtype=torch.uint8), "height": 32, "width": 32}])
     with pytest.raises(ValueError, match="MODEL.CPR.NUM_CLASSES is 2"):
         model([sample(32, 32, [[5.0, 5.0]], [4])])
+
+
+def test_bag_scores_for_visualisation():
+    model = tiny_cprnet(radius=1)
+    model.return_bag_scores = True
+    model.eval()
+    with torch.no_grad():
+        inst = model([sample(64, 64, [[20.0, 30.0]], [1])])[0]["instances"]
+    assert inst.bag_points.shape == (1, 9, 2) and inst.bag_scores.shape == (1, 9)
+    # Ring 1 at 8 px (16 px in original pixels), the annotated point last.
+    assert torch.allclose(inst.bag_points[0, 0], torch.tensor([56.0, 60.0]))
+    assert torch.equal(inst.bag_points[0, -1], inst.coarse_points[0])
+    assert ((inst.bag_scores > 0) & (inst.bag_scores < 1)).all()
