@@ -95,3 +95,18 @@ class PointVisualizer(Visualizer):
                     arrowstyle="->", color=c, linewidth=1.2 * self.output.scale))
         self.draw_points(coarse, classes, labels=False, marker="x")
         return self.draw_points(refined, classes, labels=False)
+
+    def draw_bag_scores(self, bag_points, bag_scores, cmap="jet", vmax=None):
+        """Each bag point as a small dot coloured by its class score, from 0 (blue) to
+        `vmax` (red; default: the highest score drawn, so low-scoring bags still show
+        where their peak is)."""
+        points = _as_numpy(bag_points).reshape(-1, 2)
+        scores = _as_numpy(bag_scores).reshape(-1)
+        top = float(vmax if vmax is not None else max(scores.max(initial=0.0), 1e-6))
+        self.output.ax.scatter(points[:, 0], points[:, 1], c=scores, cmap=cmap, vmin=0.0, vmax=top,
+                               s=(1.5 * self._radius() * self.output.scale) ** 2, alpha=0.7,
+                               linewidths=0)
+        # Bag points off the image must not stretch the axes beyond it.
+        self.output.ax.set_xlim(0, self.output.width)
+        self.output.ax.set_ylim(self.output.height, 0)
+        return self.output

@@ -14,7 +14,8 @@ def trained(tmp_path_factory):
     train_net = load_tool("train_net")
     args = train_net.default_argument_parser().parse_args(
         ["--config-file", CONFIG, "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "4",
-         "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1", "DATALOADER.NUM_WORKERS", "0"])
+         "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1", "DATALOADER.NUM_WORKERS", "0",
+         "SOLVER.CHECKPOINT_PERIOD", "2"])
     results = train_net.main(args)
     return out, results
 
@@ -54,3 +55,27 @@ def test_train_net_rejects_unknown_config_keys(tmp_path):
     args = train_net.default_argument_parser().parse_args(["--config-file", str(bad)])
     with pytest.raises(KeyError, match=r"bad.yaml: Non-existent config key: MODEL.CPR.RADIUS_RINGS"):
         train_net.main(args)
+
+
+def test_visualize_cpr_draws_pngs_and_a_trace_gif(trained, tmp_path):
+    import numpy as np
+    from detectron2.data import DatasetCatalog
+    from PIL import Image
+
+    out, _ = trained
+    visualize = load_tool("visualize_cpr")
+    args = visualize.parse_args(
+        ["--config-file", CONFIG, "--dataset", "forest", "--output", str(tmp_path / "vis"),
+         "--images", "1", "--checkpoint", str(out / "model_0000001.pth"),
+         "--checkpoint", str(out / "model_final.pth"),
+         "OUTPUT_DIR", str(tmp_path)])
+    written = visualize.main(args)
+    record = DatasetCatalog.get("forest")[0]
+    png, gif = (tmp_path / "vis" / f"{record['image_id']}_{kind}" for kind in ("refine.png", "trace.gif"))
+    assert sorted(written) == sorted([str(png), str(gif)])
+    drawn = np.asarray(Image.open(png).convert("RGB"))
+    source = np.asarray(Image.open(record["file_name"]).convert("RGB"))
+    assert drawn.shape[:2] == (2 * source.shape[0], 2 * source.shape[1])
+    resized = np.asarray(Image.fromarray(source).resize(drawn.shape[1::-1]))
+    assert np.abs(drawn.astype(int) - resized.astype(int)).mean() > 1  # something was drawn
+    assert Image.open(gif).n_frames == 2
