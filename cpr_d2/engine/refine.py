@@ -26,9 +26,12 @@ def refine_dataset(cfg, model, dataset_name, progress=True):
     Runs on this process's share of the dataset and gathers all shares on the
     main process (other processes get {}).
     """
-    records = {r["image_id"]: r for r in DatasetCatalog.get(dataset_name)}
+    dicts = DatasetCatalog.get(dataset_name)
+    records = {r["image_id"]: r for r in dicts}
     mapper = PointDatasetMapper(cfg, is_train=False, with_annotations=True)
-    loader = build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+    # The loaded dicts, not the name: the loader would load the json a second time.
+    loader = build_detection_test_loader(dicts, mapper=mapper,
+                                         num_workers=cfg.DATALOADER.NUM_WORKERS)
     was_training = model.training
     model.eval()
     rows = {}
