@@ -4,7 +4,6 @@ On a dataset with true boxes it compares the coarse (annotated) points with
 CPRNet's refined points: RSV and mean normalised distance to the box centre,
 overall and per object-size range.
 """
-import itertools
 import logging
 from collections import OrderedDict
 
@@ -12,9 +11,9 @@ import numpy as np
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
-from detectron2.utils import comm
 from tabulate import tabulate
 
+from .evaluator import gather_per_image
 from .semantic_variance import DEFAULT_SIZE_RANGES, semantic_variance_by_range
 
 __all__ = ["CPREvaluator"]
@@ -55,19 +54,12 @@ class CPREvaluator(DatasetEvaluator):
         return self._records
 
     def evaluate(self):
-        rows = self._rows
-        if self._distributed:
-            comm.synchronize()
-            rows = list(itertools.chain(*comm.gather(rows, dst=0)))
-            if not comm.is_main_process():
-                return {}
+        rows = gather_per_image(self._rows, self._distributed)
+        if rows is None:  # not the main process
+            return {}
         records = self._true_boxes()
         coarse, refined, boxes, labels, moved = [], [], [], [], []
-        seen = set()
-        for row in rows:
-            if row["image_id"] in seen:  # a sampler may repeat images across ranks
-                continue
-            seen.add(row["image_id"])
+        for row in rows.values():
             anns = records[row["image_id"]]["annotations"]
             for k, index in enumerate(row["ann_index"]):
                 ann = anns[int(index)]

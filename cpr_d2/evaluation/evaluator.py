@@ -104,6 +104,19 @@ def _merge_predictions(per_rank: Iterable[Sequence[dict]]) -> "OrderedDict":
     return merged
 
 
+def gather_per_image(rows: Sequence[dict], distributed: bool):
+    """``{image_id: row}`` of the rows of every rank, on the main process (None on the
+    others); an image seen more than once keeps its first row (_merge_predictions)."""
+    if distributed:
+        comm.synchronize()
+        per_rank = comm.gather(rows, dst=0)
+        if not comm.is_main_process():
+            return None
+    else:
+        per_rank = [rows]
+    return _merge_predictions(per_rank)
+
+
 class PointAPEvaluator(DatasetEvaluator):
     """Point AP (and counting MAE / RMSE) of point predictions on a registered dataset.
 
@@ -173,14 +186,9 @@ class PointAPEvaluator(DatasetEvaluator):
             )
 
     def evaluate(self):
-        if self._distributed:
-            comm.synchronize()
-            per_rank = comm.gather(self._predictions, dst=0)
-            if not comm.is_main_process():
-                return {}
-        else:
-            per_rank = [self._predictions]
-        predictions = _merge_predictions(per_rank)
+        predictions = gather_per_image(self._predictions, self._distributed)
+        if predictions is None:  # not the main process
+            return {}
         if not predictions:
             self._logger.warning("[PointAPEvaluator] Did not receive any predictions.")
             return {}
