@@ -6,11 +6,12 @@ extension is missing.
 """
 from ._ext import extension_status
 from .bag_gather import bag_gather, bag_gather_reference
-from .bag_points import bag_points, bag_points_reference, bag_size, ring_offsets
+from .bag_points import bag_coordinates, bag_points, bag_points_reference, bag_size, ring_offsets
 from .bilinear_gather import bilinear_gather, bilinear_gather_reference
 from .negative_mask import negative_mask, negative_mask_reference
 
 __all__ = [
+    "bag_coordinates",
     "bag_gather",
     "bag_gather_reference",
     "bag_points",

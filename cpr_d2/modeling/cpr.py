@@ -20,7 +20,7 @@ from detectron2.layers import get_norm
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList, Instances
 
-from cpr_d2.layers import bag_gather, bag_size, negative_mask, ring_offsets
+from cpr_d2.layers import bag_coordinates, bag_gather, bag_size, negative_mask
 
 from .backbone import single_level_feature_name
 from .cpr_losses import annotation_loss, mil_loss, negative_loss, refine_points
@@ -196,8 +196,7 @@ class CPRNet(nn.Module):
 
     @torch.no_grad()
     def refine(self, batched_inputs, image_sizes, bag_cls, valid, points, labels, counts, targets):
-        offsets = ring_offsets(self.radius, self.stride, points.device)
-        bag_coords = (points.double()[:, None, :] + offsets[None]).float()
+        bag_coords = bag_coordinates(points, self.radius, self.stride)  # points are float32
         bag_prob = bag_cls.sigmoid()
         results = []
         start = 0
