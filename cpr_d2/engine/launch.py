@@ -18,10 +18,12 @@ checks with their messages, and two details detectron2 assumes CUDA for:
 divides it by the world size), so a run with N processes sees the same number
 of images per step as a run with one.
 """
+import contextlib
 import importlib
 import logging
 import os
 import sys
+import tempfile
 from datetime import timedelta
 
 import detectron2.engine as d2_engine
@@ -46,7 +48,8 @@ _D2_CREATE_DDP_MODEL = d2_defaults.create_ddp_model
 
 def add_launch_arguments(parser):
     """Add --num-workers and --backend to a detectron2 default_argument_parser (which
-    has --num-gpus, --num-machines, --machine-rank and --dist-url). Returns parser."""
+    has --num-gpus, --num-machines, --machine-rank and --dist-url), and make "auto" the
+    default --dist-url. Returns parser."""
     parser.add_argument(
         "--num-workers", type=int, default=0, metavar="N",
         help="CPU processes per machine (gloo) when --num-gpus is 0; 0 or 1 runs in this "
@@ -55,6 +58,10 @@ def add_launch_arguments(parser):
         "--backend", choices=BACKENDS, default="auto",
         help="torch.distributed backend: auto (nccl with --num-gpus >= 1, gloo with "
              "--num-gpus 0), nccl (CUDA GPUs) or gloo (CPU processes, needs --num-gpus 0)")
+    # detectron2's default URL is a port fixed per user: a second job started on the
+    # machine at the same time fails with EADDRINUSE. "auto" works on one machine; jobs
+    # over several machines must name machine 0's address (check_launch says so).
+    parser.set_defaults(dist_url="auto")
     return parser
 
 
@@ -120,7 +127,9 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
       ``num_workers`` 0 or 1, on one machine): ``main_func`` runs in this process.
 
     ``dist_url``: the init_method of torch.distributed, e.g. ``tcp://10.0.0.1:23456``;
-    "auto" (or None on one machine) takes a free port on localhost. Must be called on
+    "auto" (or None) on one machine: CPU processes meet in a file of a fresh temporary
+    folder (no port to collide with another job's), GPU processes on a free port of
+    localhost (detectron2's way). Must be called on
     every machine of the job. Returns main_func's result when it ran in this process,
     else None. Raises ValueError (see check_launch) before starting anything.
     """
@@ -128,20 +137,28 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
                                      dist_url, backend, num_workers)
     if mode == "here":
         return main_func(*args)
-    dist_url = _dist_url(dist_url, num_machines)
     if mode == "nccl":
         d2_launch_module.launch(main_func, per_machine, num_machines=num_machines,
-                                machine_rank=machine_rank, dist_url=dist_url, args=args,
+                                machine_rank=machine_rank,
+                                dist_url=_dist_url(dist_url, num_machines), args=args,
                                 timeout=timeout)
         return None
-    mp.start_processes(
-        _cpu_worker,
-        nprocs=per_machine,
-        args=(main_func, num_machines * per_machine, per_machine, machine_rank, dist_url, args,
-              timeout),
-        daemon=False,
-        start_method="spawn",
-    )
+    with contextlib.ExitStack() as stack:
+        if dist_url in (None, "", "auto"):
+            # One machine: meet in a file of a fresh folder rather than on a "free" port,
+            # which a job started at the same moment could take too (EADDRINUSE).
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="cpr_d2_dist_"))
+            dist_url = "file://" + os.path.join(folder, "rendezvous")
+        else:
+            dist_url = _dist_url(dist_url, num_machines)
+        mp.start_processes(
+            _cpu_worker,
+            nprocs=per_machine,
+            args=(main_func, num_machines * per_machine, per_machine, machine_rank, dist_url,
+                  args, timeout),
+            daemon=False,
+            start_method="spawn",
+        )
     return None
 
 

@@ -9,8 +9,10 @@ iteration. So a run killed and resumed with --resume ends with the weights of an
 uninterrupted run. A non-finite loss term stops training with the iteration, the
 term and the last good checkpoint.
 """
+import contextlib
 import logging
 import os
+import re
 import weakref
 from collections.abc import Mapping
 
@@ -58,9 +60,33 @@ class AtomicCheckpointer(DetectionCheckpointer):
     with non-finite weights. `last_saved` is the path of the last checkpoint this
     object wrote."""
 
+    # The temporaries atomic_path makes for a checkpoint or the tag: ".<name>.<8 random
+    # characters of mkstemp>.tmp[.pth]".
+    _TEMPORARY = re.compile(r"^\.(model_[^/]+|last_checkpoint)\.[a-z0-9_]{8}\.tmp(\.pth)?$")
+
     def __init__(self, model, save_dir="", *, save_to_disk=None, **checkpointables):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.last_saved = None
+
+    def remove_stale_temporaries(self):
+        """Delete the half-written temporaries a process killed while saving left in
+        save_dir (they are never read). Only call it where no other process is saving
+        into save_dir. Returns the removed paths."""
+        if not self.save_dir or not self.save_to_disk or "://" in self.save_dir:
+            return []
+        try:
+            names = os.listdir(self.save_dir)
+        except FileNotFoundError:
+            return []
+        removed = []
+        for name in sorted(names):
+            path = os.path.join(self.save_dir, name)
+            if self._TEMPORARY.match(name) and os.path.isfile(path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed.append(path)
+                    self.logger.info(f"Removed {path}, left by a process killed while saving")
+        return removed
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
@@ -112,6 +138,8 @@ class Trainer(DefaultTrainer):
         for hook in self._hooks:
             if isinstance(hook, hooks.PeriodicCheckpointer) and hook.checkpointer is old:
                 hook.checkpointer = self.checkpointer
+        if comm.is_main_process():  # the only process that saves
+            self.checkpointer.remove_stale_temporaries()
         self._resumed_from = None
         # A non-finite loss term stops training before its backward pass.
         trainer = weakref.ref(self)

@@ -287,19 +287,21 @@ def _tie_blocks(scores: np.ndarray, group_start: np.ndarray) -> np.ndarray:
     if scores.size > 1:
         diff = scores[:-1] - scores[1:]  # float32, >= 0 inside a group
         new[1:] |= diff >= TIE_EPS
-        # Runs of equal scores are exact without a scan; a group with a step smaller
-        # than TIE_EPS (scores below ~0.13 only) needs the reference scan.
-        near = ~group_start[1:] & (diff > 0) & (diff < TIE_EPS)
-        if near.any():
-            starts = np.flatnonzero(group_start)
-            group_of = np.cumsum(group_start) - 1
-            for g in np.unique(group_of[1:][near]):
-                lo = starts[g]
-                hi = starts[g + 1] if g + 1 < starts.size else scores.size
+        # A step of TIE_EPS or more always starts a block (the block's first score is at
+        # least the previous score), so runs between such starts are independent. Runs
+        # of equal scores need nothing more; a run with a step smaller than TIE_EPS
+        # (scores below ~0.13 only) is scanned on its own.
+        near = np.flatnonzero(~new[1:] & (diff > 0)) + 1
+        if near.size:
+            starts = np.flatnonzero(new)
+            run_of = np.searchsorted(starts, near, "right") - 1
+            ends = np.append(starts[1:], scores.size)
+            for run in np.unique(run_of):
+                lo, hi = int(starts[run]), int(ends[run])
                 first = scores[lo]
                 for k in range(lo + 1, hi):
-                    new[k] = abs(scores[k] - first) >= TIE_EPS
-                    if new[k]:
+                    if abs(scores[k] - first) >= TIE_EPS:
+                        new[k] = True
                         first = scores[k]
     return np.cumsum(new) - 1
 

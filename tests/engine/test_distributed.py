@@ -365,3 +365,32 @@ def test_tools_take_the_launch_flags():
     args = load_tool("refine_export").parse_args(
         ["--dataset", "forest", "--output", "x.json", "--num-gpus", "0", "--num-workers", "2"])
     assert (args.num_workers, args.backend, args.num_machines) == (2, "auto", 1)
+
+
+def test_gpu_jobs_go_to_detectron2_launch_with_every_flag(monkeypatch):
+    """--num-gpus N >= 1 (NCCL) is detectron2's launch, given the machines, the rank,
+    the URL and the timeout as they were passed (CUDA faked: no process is started)."""
+    import cpr_d2.engine.launch as cpr_launch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(cpr_launch.d2_launch_module, "launch",
+                        lambda *a, **kw: calls.append((a, kw)))
+    parser = load_tool("train_net").argument_parser()
+    args = parser.parse_args(["--num-gpus", "8", "--num-machines", "2", "--machine-rank", "1",
+                              "--dist-url", "tcp://10.0.0.1:23456"])
+    assert launch_from_args(_where, args) is None
+    assert calls == [((_where, 8), dict(num_machines=2, machine_rank=1,
+                                        dist_url="tcp://10.0.0.1:23456", args=(args,),
+                                        timeout=cpr_launch.DEFAULT_TIMEOUT))]
+    # One machine, 2 GPUs, --dist-url auto: a free port on this machine.
+    args = parser.parse_args(["--num-gpus", "2", "--dist-url", "auto"])
+    launch_from_args(_where, args)
+    (func, gpus), kwargs = calls[-1]
+    assert (func, gpus, kwargs["num_machines"], kwargs["machine_rank"]) == (_where, 2, 1, 0)
+    assert kwargs["dist_url"].startswith("tcp://127.0.0.1:")
+    # More GPUs than the machine has: the message, before anything starts.
+    with pytest.raises(SystemExit, match=r"--num-gpus 9 is more than the 8 CUDA GPU"):
+        launch_from_args(_where, parser.parse_args(["--num-gpus", "9"]))
+    assert len(calls) == 2

@@ -23,10 +23,10 @@ TINY = ["SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.WARMUP_
 TIMEOUT = 600
 
 
-def _start(out, resume=False):
-    command = [sys.executable, "tools/train_net.py", "--config-file", CONFIG]
+def _start(out, resume=False, launch=(), overrides=()):
+    command = [sys.executable, "tools/train_net.py", *launch, "--config-file", CONFIG]
     command += ["--resume"] if resume else []
-    command += TINY + ["OUTPUT_DIR", str(out)]
+    command += TINY + list(overrides) + ["OUTPUT_DIR", str(out)]
     # A session of its own, so that the kill reaches the data-loader worker too.
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -80,14 +80,19 @@ def _last_metrics(out):
     return lines[-1]
 
 
-def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path):
+def _straight_and_killed(tmp_path, launch=(), overrides=(), before_resume=None):
+    """An uninterrupted run and, at the same time, one killed once model_0000003.pth is
+    tagged and resumed (after calling before_resume(its folder)). Returns both folders
+    and the resumed run's output."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    # Both at once: the uninterrupted run and the one that gets killed.
-    processes = [_start(straight), _start(killed)]
+    processes = [_start(straight, launch=launch, overrides=overrides),
+                 _start(killed, launch=launch, overrides=overrides)]
     try:
         _kill_after(processes[1], killed, "model_0000003.pth")
         assert not (killed / "model_final.pth").exists()
-        processes.append(_start(killed, resume=True))
+        if before_resume is not None:
+            before_resume(killed)
+        processes.append(_start(killed, resume=True, launch=launch, overrides=overrides))
         _finish(processes[0])
         log = _finish(processes[2])
     finally:
@@ -95,6 +100,11 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.communicate()
+    return straight, killed, log
+
+
+def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path):
+    straight, killed, log = _straight_and_killed(tmp_path)
     # It went on from the checkpoint: iteration, data stream position, LR schedule.
     assert "Starting training from iteration 4" in log
     assert "Loading trainer from" in log
@@ -110,6 +120,84 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path):
     for k in (1, 3, 5, 7):
         _assert_identical(_load(killed / f"model_{k:07d}.pth")["model"],
                           _load(straight / f"model_{k:07d}.pth")["model"], f"model_{k:07d}")
+
+
+def test_two_process_run_killed_and_resumed_ends_with_the_uninterrupted_weights(tmp_path):
+    """The same with 2 CPU processes (gloo): the kill takes the launcher and both ranks;
+    the resumed job also clears a temporary a kill during a save would leave."""
+    stale_name, other_name = ".model_0000005.x1y2z3w4.tmp.pth", ".model_notes.tmp"
+
+    def leave_files(folder):
+        (folder / stale_name).write_bytes(b"half a checkpoint")
+        (folder / other_name).write_text("kept")  # not a name the checkpointer makes
+
+    straight, killed, log = _straight_and_killed(
+        tmp_path, launch=("--num-gpus", "0", "--num-workers", "2"),
+        overrides=("DATALOADER.NUM_WORKERS", "0"),  # 2 launchers, 4 ranks, no loader workers
+        before_resume=leave_files)
+    stale, other = killed / stale_name, killed / other_name
+    assert "Starting training from iteration 4" in log
+    assert not stale.exists() and f"Removed {stale}" in log
+    assert other.read_text() == "kept"
+    final, reference = _load(killed / "model_final.pth"), _load(straight / "model_final.pth")
+    assert final["iteration"] == reference["iteration"] == 7
+    _assert_identical(final["model"], reference["model"], "model")
+    _assert_identical(final["trainer"], reference["trainer"], "trainer")
+    for k in (5, 7):
+        _assert_identical(_load(killed / f"model_{k:07d}.pth")["model"],
+                          _load(straight / f"model_{k:07d}.pth")["model"], f"model_{k:07d}")
+
+
+_SAVE_AND_HANG = """
+import sys, time, torch
+from cpr_d2.engine.trainer import AtomicCheckpointer
+
+model = torch.nn.Linear(3, 2)
+checkpointer = AtomicCheckpointer(model, sys.argv[1], save_to_disk=True)
+checkpointer.save("model_0000001")
+real_save = torch.save
+
+def save_and_hang(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    with open(f, "r+b") as half:
+        half.truncate(10)
+    print("writing", flush=True)
+    time.sleep(600)
+
+torch.save = save_and_hang
+with torch.no_grad():
+    model.weight.fill_(7.0)
+checkpointer.save("model_0000002")
+"""
+
+
+def test_kill_during_a_save_keeps_the_last_checkpoint_and_the_next_run_clears_the_rest(tmp_path):
+    from cpr_d2.engine.trainer import AtomicCheckpointer
+
+    process = subprocess.Popen([sys.executable, "-c", _SAVE_AND_HANG, str(tmp_path)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()  # blocks until the save hangs, or the end
+    finally:
+        process.kill()  # SIGKILL, in the middle of the save
+        _out, err = process.communicate(timeout=60)
+    assert line.strip() == "writing", err[-4000:]
+    assert process.returncode == -signal.SIGKILL
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 3 and names[1:] == ["last_checkpoint", "model_0000001.pth"], names
+    assert names[0].startswith(".model_0000002.") and names[0].endswith(".tmp.pth")
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    fresh = torch.nn.Linear(3, 2)
+    checkpointer = AtomicCheckpointer(fresh, str(tmp_path), save_to_disk=True)
+    checkpointer.load(str(tmp_path / "model_0000001.pth"))
+    assert not torch.equal(fresh.weight, torch.full((2, 3), 7.0))
+    assert checkpointer.remove_stale_temporaries() == [str(tmp_path / names[0])]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names[1:]
+    # Without permission to save (another rank), nothing is touched.
+    (tmp_path / names[0]).write_bytes(b"x")
+    assert AtomicCheckpointer(fresh, str(tmp_path), save_to_disk=False
+                              ).remove_stale_temporaries() == []
+    assert (tmp_path / names[0]).exists()
 
 
 class _Model(torch.nn.Module):

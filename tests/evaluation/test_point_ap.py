@@ -1,4 +1,3 @@
-import os
 """Point AP: hand-computed cases for every rule, plus random cases against a
 straightforward loop implementation of the same rules.
 
@@ -9,6 +8,7 @@ thresholds j/100 < k/npos (strictly), never j = 100. Under ``clean`` they
 reach j/100 <= k/npos.
 """
 import math
+import os
 
 import numpy as np
 import pytest
@@ -217,6 +217,35 @@ def test_tie_blocks_are_anchored_at_their_first_score():
     blocks = _tie_blocks(scores, group_start)
     # [0.9 0.9] [s s-step] [s-2step] | [0.9] [0.8]
     np.testing.assert_array_equal(blocks, [0, 0, 1, 1, 2, 3, 4])
+
+
+def test_tie_blocks_equal_a_sequential_scan():
+    """Random groups of descending float32 scores with steps below, at and above
+    TIE_EPS, against the rule written as one loop."""
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    eps = np.float32(1e-8)
+    for _ in range(30):
+        sizes = rng.integers(1, 60, int(rng.integers(1, 8)))
+        scores, group_start = [], []
+        for size in sizes:
+            base = np.float32(rng.choice([0.9, 0.3, 0.05, 0.001]))
+            steps = rng.choice([0, 1, 2, 3, 40], size - 1)  # float32 ulps below base
+            group = [base]
+            for step in steps:
+                value = group[-1]
+                for _ in range(step):
+                    value = np.nextafter(value, np.float32(0))
+                group.append(value)
+            scores += group
+            group_start += [True] + [False] * (size - 1)
+        scores = np.asarray(scores, np.float32)
+        group_start = np.asarray(group_start)
+        want, first, block = [], None, -1
+        for k, s in enumerate(scores):
+            if group_start[k] or abs(s - first) >= eps:
+                block, first = block + 1, s
+            want.append(block)
+        np.testing.assert_array_equal(_tie_blocks(scores, group_start), want)
 
 
 # ----------------------------------------------------------------------------- classes
