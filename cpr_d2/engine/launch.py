@@ -129,9 +129,9 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
     ``dist_url``: the init_method of torch.distributed, e.g. ``tcp://10.0.0.1:23456``;
     "auto" (or None) on one machine: CPU processes meet in a file of a fresh temporary
     folder (no port to collide with another job's), GPU processes on a free port of
-    localhost (detectron2's way). Must be called on
-    every machine of the job. Returns main_func's result when it ran in this process,
-    else None. Raises ValueError (see check_launch) before starting anything.
+    localhost (detectron2's way). Must be called on every machine of the job. Returns
+    main_func's result when it ran in this process, else None. Raises ValueError (see
+    check_launch) before starting anything.
     """
     mode, per_machine = check_launch(num_gpus_per_machine, num_machines, machine_rank,
                                      dist_url, backend, num_workers)
