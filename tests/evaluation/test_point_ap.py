@@ -13,8 +13,10 @@ import os
 import numpy as np
 import pytest
 
+from cpr_d2.evaluation import point_ap
 from cpr_d2.evaluation.point_ap import (
     SIZE_RANGE_PRESETS,
+    _greedy_match,
     _pair_priority,
     _tie_blocks,
     evaluate_point_ap,
@@ -516,6 +518,28 @@ def test_random_cases_agree_with_loop_reference(clean):
             gts, dets, num_classes, taus, list(ranges.values()), max_dets, clean
         )
         np.testing.assert_allclose(got.ap, want, rtol=0, atol=1e-12, err_msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 8192])
+def test_greedy_match_equals_the_sequential_walk(monkeypatch, chunk):
+    """Edges in priority order, accepted when both ends are free: the rounds, run on
+    chunks of `chunk` edges, against the walk itself on fresh random edge lists."""
+    monkeypatch.setattr(point_ap, "_MATCH_CHUNK", chunk)
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    for _ in range(10):
+        num_dets, num_gts = int(rng.integers(1, 400)), int(rng.integers(1, 300))
+        num_edges = int(rng.integers(0, 12 * num_dets))
+        dets = rng.integers(0, num_dets, num_edges)
+        gts = rng.integers(0, num_gts, num_edges)
+        if rng.random() < 0.5:  # each detection's edges together, as single-score blocks give
+            order = np.argsort(dets, kind="stable")
+            dets, gts = dets[order], gts[order]
+        want = np.zeros(num_dets, bool)
+        taken = np.zeros(num_gts, bool)
+        for d, g in zip(dets.tolist(), gts.tolist()):
+            if not want[d] and not taken[g]:
+                want[d] = taken[g] = True
+        np.testing.assert_array_equal(_greedy_match(dets, gts, num_dets, num_gts), want)
 
 
 def test_pair_priority_equals_lexsort():
