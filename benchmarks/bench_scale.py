@@ -135,10 +135,7 @@ def make_case(part, n, classes, seed, side=SIDE):
     if part == "ap":
         from cpr_d2.evaluation.point_ap import evaluate_point_ap
 
-        boxes = np.hstack([gt_xy - 8, np.full((n, 2), 16.0)])
-        det_xy = np.repeat(gt_xy, 2, axis=0) + rng.normal(0, 3, (2 * n, 2))
-        gts = [{"boxes": boxes, "classes": gt_cls}]
-        dets = [{"points": det_xy, "scores": rng.random(2 * n), "classes": np.repeat(gt_cls, 2)}]
+        gts, dets = ap_case(n, classes, seed, side)
         return lambda: evaluate_point_ap(gts, dets, classes, max_dets=2 * n)
 
     if part == "export":
@@ -168,18 +165,29 @@ def make_case(part, n, classes, seed, side=SIDE):
     raise ValueError(part)
 
 
-def pairs_per_gt(n, classes, seed, side):
-    """(detection, GT) pairs within the largest tau of the ap case, per GT."""
+def ap_case(n, classes, seed, side):
+    """The ap part's inputs: one image's GTs (16 x 16 px boxes around the GT points of
+    make_case) and 2 detections per GT, 3 px off, random scores."""
     import numpy as np
 
-    from cpr_d2.evaluation.point_ap import DEFAULT_TAUS, _candidate_pairs
-
     rng = np.random.default_rng(seed + n)
-    gt_xy = rng.uniform(0, side, (n, 2))
+    gt_xy = rng.uniform(0, side, (n, 2))  # the first draws, as in make_case
     gt_cls = rng.integers(0, classes, n)
+    boxes = np.hstack([gt_xy - 8, np.full((n, 2), 16.0)])
     det_xy = np.repeat(gt_xy, 2, axis=0) + rng.normal(0, 3, (2 * n, 2))
-    pairs, _gts, _d2 = _candidate_pairs(np.repeat(gt_cls, 2), det_xy, gt_cls, gt_xy,
-                                        np.full((n, 2), 16.0), max(DEFAULT_TAUS))
+    gts = [{"boxes": boxes, "classes": gt_cls}]
+    dets = [{"points": det_xy, "scores": rng.random(2 * n), "classes": np.repeat(gt_cls, 2)}]
+    return gts, dets
+
+
+def pairs_per_gt(n, classes, seed, side):
+    """(detection, GT) pairs within the largest tau of the ap case, per GT."""
+    from cpr_d2.evaluation.point_ap import DEFAULT_TAUS, _candidate_pairs, box_centers
+
+    (gt,), (det,) = ap_case(n, classes, seed, side)
+    pairs, _gts, _d2 = _candidate_pairs(det["classes"], det["points"], gt["classes"],
+                                        box_centers(gt["boxes"]), gt["boxes"][:, 2:],
+                                        max(DEFAULT_TAUS))
     return pairs.size / n
 
 
