@@ -78,8 +78,14 @@ NUM_RECALL_THRESHOLDS = 101
 TIE_EPS = np.float32(1e-8)
 # (Q) added to the number of positives when computing recall.
 RECALL_EPS = 1e-12
-# Upper bound on the (detection, GT) pairs whose distance is computed at once.
-_PAIR_CHUNK = 1 << 21
+# (Detection, GT) pairs measured at once: the chunk's arrays stay in cache.
+_PAIR_CHUNK = 1 << 14
+# The candidate search clips coordinates to +-this (px), and ranks its sort keys
+# densely when they reach _DENSE_LIMIT.
+_COORD_LIMIT = 2.0 ** 40
+_DENSE_LIMIT = 1 << 30
+# Keys (image and class) below this sort with their scores in one integer.
+_ORDER_KEY_LIMIT = 1 << 30
 # Edges per chunk of the greedy matching rounds (see _greedy_match).
 _MATCH_CHUNK = 8192
 
@@ -279,6 +285,36 @@ def _pack_dets(dets):
 # ----------------------------------------------------------------------------- matching
 
 
+def _sort_runs(order: np.ndarray, key: np.ndarray, *finer) -> np.ndarray:
+    """Reorder, in place, the runs of equal ``key[order]`` (``order`` sorts ``key``,
+    not stably) by ``finer`` keys, most significant first, then by index."""
+    k = key[order]
+    equal = k[1:] == k[:-1]
+    if equal.any():
+        in_run = np.zeros(k.size, bool)
+        in_run[1:] |= equal
+        in_run[:-1] |= equal
+        pos = np.flatnonzero(in_run)
+        sub = order[pos]
+        order[pos] = sub[np.lexsort((sub,) + tuple(f[sub] for f in reversed(finer)) + (k[pos],))]
+    return order
+
+
+def _matching_order(key: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Indices sorted by (key, descending float32 score, index), as a stable sort.
+
+    One integer sort: the score's bits, mapped so that integer order is float
+    order, go below the key; only runs of equal (key, score) need a second look.
+    """
+    if key.size == 0 or int(key.min()) < 0 or int(key.max()) >= _ORDER_KEY_LIMIT:
+        return np.lexsort((-scores, key))  # lexsort is stable
+    bits = scores.astype(np.float32).view(np.int32).astype(np.int64)
+    # Integer order = float order (-0 and +0 both map to 0).
+    ascending = np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+    packed = key * (1 << 32) + ((1 << 31) - 1 - ascending)  # descending score
+    return _sort_runs(np.argsort(packed), packed)
+
+
 def _tie_blocks(scores: np.ndarray, group_start: np.ndarray) -> np.ndarray:
     """Block id of every detection, detections sorted by (group, descending score).
 
@@ -308,123 +344,153 @@ def _tie_blocks(scores: np.ndarray, group_start: np.ndarray) -> np.ndarray:
     return np.cumsum(new) - 1
 
 
-def _candidate_pairs(det_key, det_pts, gt_key, gt_centers, gt_wh, max_tau):
-    """All (detection, GT) pairs of the same image and class with ``d <= max_tau``.
+def _dense_keys(det_keys: np.ndarray, gt_keys: np.ndarray):
+    """Dense ranks of the detections' keys, and the GTs' keys on the same ranks
+    (-1 where no detection has the key)."""
+    uniq, det_dense = np.unique(det_keys, return_inverse=True)
+    at = np.minimum(np.searchsorted(uniq, gt_keys), uniq.size - 1)
+    return det_dense.reshape(-1), np.where(uniq[at] == gt_keys, at, -1)
 
-    Returns ``(det, gt, d2)`` arrays. Only detections whose x lies in a band of
-    ``+-max_tau`` box widths around a GT's centre are measured: detections are
-    sorted by (image and class, x), and each GT's band is located in that order
-    by sorting it together with the band ends.
+
+def _candidate_pairs(det_key, det_pts, gt_key, gt_centers, gt_wh, max_tau):
+    """All (detection, GT) pairs of equal key (image and class) with ``d <= max_tau``.
+
+    Returns ``(det, gt, d2)`` arrays, ``d2`` computed exactly as the rules say.
+    Points, centres and sizes must be finite and sizes positive.
+
+    The search is 2-D. A detection lives in one horizontal strip; a GT is looked
+    up in every strip its ``+-max_tau`` box heights reach, each time in a band of
+    x around its centre, narrowed by how far the strip lies from the centre in
+    y. All detections are sorted once by (key, strip, x) and every band is located
+    in that order by the same sort, which holds the band ends too. Every margin
+    below is many times the float rounding it covers, so the bands only ever hold
+    more detections than the exact test at the end keeps, never fewer.
     """
     num_dets, num_gts = det_key.size, gt_key.size
     empty = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
     if num_dets == 0 or num_gts == 0:
         return empty
-    # Horizontal strips make the search 2-D: a detection lives in one strip, a GT is
-    # searched in every strip its +-max_tau box heights reach. Strips about as high
-    # as a typical GT's reach keep that to 1-3 strips per GT, and keep dense images
-    # from measuring every detection in a band of the whole image height.
-    reach_y = max_tau * gt_wh[:, 1] * (1 + 1e-9) + 1e-9 * (1 + np.abs(gt_centers[:, 1]))
-    strip = float(np.median(2 * reach_y))
-    if not np.isfinite(strip) or strip <= 0:
-        strip = 1.0
-    det_strip = np.floor(det_pts[:, 1] / strip)
-    gt_lo = np.floor((gt_centers[:, 1] - reach_y) / strip)
-    gt_hi = np.floor((gt_centers[:, 1] + reach_y) / strip)
-    finite = np.isfinite(det_strip)
-    first = min(det_strip[finite].min() if finite.any() else 0.0, gt_lo.min())
-    spans = (gt_hi - gt_lo + 1).astype(np.int64)
-    gt_rep = np.repeat(np.arange(num_gts), spans)
-    rep_strip = gt_lo[gt_rep] + (np.arange(gt_rep.size) - np.repeat(np.cumsum(spans) - spans, spans))
-    num_strips = int(max(det_strip[finite].max() if finite.any() else 0.0, gt_hi.max()) - first) + 2
-    det_strip = np.where(finite, det_strip - first, num_strips - 1).astype(np.int64)
-    dets, gts, d2 = _band_pairs(det_key * num_strips + det_strip, det_pts,
-                                gt_key[gt_rep] * num_strips + (rep_strip - first).astype(np.int64),
-                                gt_centers[gt_rep], gt_wh[gt_rep], max_tau)
-    return dets, gt_rep[gts], d2
+    tau2 = max_tau * max_tau
+    # Searched on coordinates clipped to +-2^40 px: clipping never moves two points
+    # apart, so it loses no pair, and it bounds every number below.
+    det_x = np.clip(det_pts[:, 0], -_COORD_LIMIT, _COORD_LIMIT)
+    det_y = np.clip(det_pts[:, 1], -_COORD_LIMIT, _COORD_LIMIT)
+    gt_x = np.clip(gt_centers[:, 0], -_COORD_LIMIT, _COORD_LIMIT)
+    gt_y = np.clip(gt_centers[:, 1], -_COORD_LIMIT, _COORD_LIMIT)
+    gt_w, gt_h = gt_wh[:, 0], gt_wh[:, 1]
 
+    # Strips about twice as high as a typical GT's reach: 2-3 strips per GT. At most
+    # 2^20 strips, so that strip numbers stay small.
+    reach_y = max_tau * gt_h * (1 + 1e-9) + 1e-9 * (1 + np.abs(gt_y))
+    y0, y1 = float(det_y.min()), float(det_y.max())
+    strip = max(float(np.median(2 * reach_y)), (y1 - y0) * 2.0 ** -20)
+    det_strip = np.floor(det_y / strip)
+    s0, s1 = float(det_strip.min()), float(det_strip.max())
+    num_strips = int(s1 - s0) + 1
+    gt_lo = np.maximum(np.floor((gt_y - reach_y) / strip), s0)
+    gt_hi = np.minimum(np.floor((gt_y + reach_y) / strip), s1)
+    spans = np.maximum(gt_hi - gt_lo + 1, 0).astype(np.int64)
+    rep = np.repeat(np.arange(num_gts), spans)  # one entry per (GT, strip)
+    rep_strip = gt_lo[rep] + (np.arange(rep.size) - np.repeat(np.cumsum(spans) - spans, spans))
 
-def _band_pairs(det_key, det_pts, gt_key, gt_centers, gt_wh, max_tau):
-    """_candidate_pairs within equal keys, searching a band in x only."""
-    num_dets, num_gts = det_key.size, gt_key.size
-    empty = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-    if num_dets == 0 or num_gts == 0:
-        return empty
-    by_x = np.lexsort((det_pts[:, 0], det_key))
-    # Widen the band a little so that rounding never loses a pair; d2 decides below.
-    half = max_tau * gt_wh[:, 0] * (1 + 1e-9) + 1e-9 * (1 + np.abs(gt_centers[:, 0]))
-    keys = np.concatenate([det_key[by_x], gt_key, gt_key])
-    xs = np.concatenate([det_pts[by_x, 0], gt_centers[:, 0] - half, gt_centers[:, 0] + half])
-    # At equal (key, x): band starts (0) before detections (1) before band ends (2).
-    tag = np.repeat(np.array([1, 0, 2], np.int8), [num_dets, num_gts, num_gts])
-    merged = np.lexsort((tag, xs, keys))
-    dets_before = np.cumsum(tag[merged] == 1) - (tag[merged] == 1)
-    position = np.empty_like(merged)
-    position[merged] = np.arange(merged.size)
-    lo = dets_before[position[num_dets:num_dets + num_gts]]
-    count = dets_before[position[num_dets + num_gts:]] - lo
+    # One integer per (key, strip); ranked densely when the raw numbers get large.
+    if max(abs(int(det_key.min())), abs(int(det_key.max())), abs(int(gt_key.min())),
+           abs(int(gt_key.max()))) + 1 >= _DENSE_LIMIT // num_strips:
+        det_key, gt_key = _dense_keys(det_key, gt_key)  # absent GT keys: -1, no strip hits
+    det_ck = det_key * num_strips + (det_strip - s0).astype(np.int64)
+    rep_ck = gt_key[rep] * num_strips + (rep_strip - s0).astype(np.int64)
+    if max(abs(int(det_ck.min())), abs(int(det_ck.max()))) + 1 >= _DENSE_LIMIT:
+        det_ck, rep_ck = _dense_keys(det_ck, rep_ck)
+        found = rep_ck >= 0
+        rep, rep_strip, rep_ck = rep[found], rep_strip[found], rep_ck[found]
+
+    # The band's half width in x for each (GT, strip), from the least y distance
+    # between the GT centre and the strip.
+    rep_y, rep_h = gt_y[rep], gt_h[rep]
+    gap = np.maximum(rep_strip * strip - rep_y, rep_y - (rep_strip + 1) * strip)
+    gap = np.maximum(gap - 1e-9 * (1 + np.abs(rep_y) + strip * (np.abs(rep_strip) + 1)), 0.0)
+    rep_x = gt_x[rep]
+    half = (gt_w[rep] * np.sqrt(np.maximum(tau2 * (1 + 1e-9) - (gap / rep_h) ** 2, 0.0))
+            * (1 + 1e-9) + 1e-9 * (1 + np.abs(rep_x)))
+
+    # Sort keys: x relative to the leftmost detection, plus (key, strip) times a span
+    # wider than all of them. A band is clipped to the detections' x range first, so
+    # it cannot reach a neighbouring (key, strip); margin covers the rounding.
+    x0 = float(det_x.min())
+    width = float(det_x.max()) - x0
+    span = width + 4.0
+    ck_abs = max(abs(int(det_ck.min())), abs(int(det_ck.max())))
+    coord_abs = max(float(np.abs(det_x).max()), float(np.abs(gt_x).max()))
+    margin = ((ck_abs + 2) * span + 2 * coord_abs) * 2.0 ** -44
+    rel_x = rep_x - x0
+    values = np.concatenate([
+        (det_x - x0) + det_ck * span,
+        np.maximum(rel_x - half, -1.0) + rep_ck * span - margin,
+        np.minimum(rel_x + half, width + 1.0) + rep_ck * span + margin,
+    ])
+    # A band end equal to a detection's value may sort on either side of it: that only
+    # decides about a detection outside the band by the margin, which the test drops.
+    merged = np.argsort(values)
+    is_det = merged < num_dets
+    before = np.cumsum(is_det) - is_det  # detections sorted before each entry
+    dets_before = np.empty(merged.size, np.int64)
+    dets_before[merged] = before
+    num_reps = rep.size
+    lo = dets_before[num_dets:num_dets + num_reps]
+    count = np.maximum(dets_before[num_dets + num_reps:] - lo, 0)
+    by_x = merged[is_det]  # detections in (key, strip, x) order
+    sorted_x, sorted_y, sorted_ck = det_pts[by_x, 0], det_pts[by_x, 1], det_ck[by_x]
+    gt_cx, gt_cy = gt_centers[:, 0], gt_centers[:, 1]
+
+    # Every detection in each band, measured exactly, in chunks that stay in cache.
+    # With a margin under 1 px no band reaches another (key, strip) (they are 3 px
+    # apart); otherwise the (key, strip) is compared too.
+    check_ck = margin >= 1.0
     cum = np.cumsum(count)
-    det_x, det_y = det_pts[:, 0].copy(), det_pts[:, 1].copy()
-    gt_x, gt_y = gt_centers[:, 0].copy(), gt_centers[:, 1].copy()
-    gt_w, gt_h = gt_wh[:, 0].copy(), gt_wh[:, 1].copy()
-    dets_out, gts_out, d2_out = [], [], []
+    measured = int(cum[-1]) if num_reps else 0
+    dets_out, gts_out = np.empty(measured, np.int64), np.empty(measured, np.int64)
+    d2_out = np.empty(measured)
+    found = 0
     start = 0
-    while start < num_gts:
-        base = cum[start - 1] if start else 0
+    while start < num_reps:
+        base = int(cum[start - 1]) if start else 0
         end = max(int(np.searchsorted(cum, base + _PAIR_CHUNK, "right")), start + 1)
         c = count[start:end]
-        total = int(c.sum())
+        total = int(cum[end - 1]) - base
         if total:
-            offset = np.arange(total) - np.repeat(np.cumsum(c) - c, c)
-            det = by_x[np.repeat(lo[start:end], c) + offset]
-            # The y distance first (a strip is higher than the reach): x only for those
-            # within max_tau in y. Per-axis arrays, and the GTs' values by repeat.
-            dy = (det_y[det] - np.repeat(gt_y[start:end], c)) / np.repeat(gt_h[start:end], c)
-            near = np.flatnonzero(dy * dy <= max_tau * max_tau)  # d2 >= dy * dy in floats
-            gt = np.repeat(np.arange(start, end), c)[near]
-            det, dy = det[near], dy[near]
-            dx = (det_x[det] - gt_x[gt]) / gt_w[gt]
+            pos = np.repeat(lo[start:end] - (cum[start:end] - c - base), c) + np.arange(total)
+            gt = np.repeat(rep[start:end], c)
+            dx = (sorted_x[pos] - gt_cx[gt]) / gt_w[gt]
+            dy = (sorted_y[pos] - gt_cy[gt]) / gt_h[gt]
             d2 = dx * dx + dy * dy
-            ok = d2 <= max_tau * max_tau
-            dets_out.append(det[ok])
-            gts_out.append(gt[ok])
-            d2_out.append(d2[ok])
+            ok = d2 <= tau2
+            if check_ck:
+                ok &= sorted_ck[pos] == np.repeat(rep_ck[start:end], c)
+            ok = np.flatnonzero(ok)
+            n = ok.size
+            dets_out[found:found + n] = by_x[pos[ok]]
+            gts_out[found:found + n] = gt[ok]
+            d2_out[found:found + n] = d2[ok]
+            found += n
         start = end
-    if not dets_out:
-        return empty
-    return np.concatenate(dets_out), np.concatenate(gts_out), np.concatenate(d2_out)
+    return dets_out[:found], gts_out[:found], d2_out[:found]
 
 
-def _dense_rank(values: np.ndarray) -> np.ndarray:
-    """Rank of each value among the distinct values (equal values, equal rank)."""
-    order = np.argsort(values)
-    v = values[order]
-    step = np.ones(v.size, np.int64)
-    step[0] = 0
-    step[1:] = v[1:] != v[:-1]
-    rank = np.empty(v.size, np.int64)
-    rank[order] = np.cumsum(step)
-    return rank
+def _pair_priority(block: np.ndarray, d2: np.ndarray, det: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Order of pairs by (block, d2, det, gt): the same as ``np.lexsort`` on the four
+    keys, with one float sort (a multi-key lexsort is ~10x slower).
 
-
-def _pair_priority(block: np.ndarray, d2: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
-    """Order of pairs by (block, d2, tiebreak); same result as ``np.lexsort`` on the
-    three keys, but with one integer sort (a multi-key lexsort is ~10x slower)."""
+    ``block + d2 / (2 max d2)`` lies in ``[block, block + 1)``, and rounding never
+    reverses an order, so sorting it orders the pairs correctly except inside runs
+    of equal keys (equal distances, or distances too close to tell apart at the
+    block's magnitude); those runs, all in one block, are sorted exactly.
+    """
     if d2.size == 0:
         return np.zeros(0, np.int64)
-    d2_rank = _dense_rank(d2)
-    key = block * (int(d2_rank.max()) + 1) + d2_rank
-    order = np.argsort(key)
-    k = key[order]
-    equal = k[1:] == k[:-1]
-    if equal.any():  # exact distance ties inside a block: order those runs by tiebreak
-        in_run = np.zeros(k.size, bool)
-        in_run[1:] |= equal
-        in_run[:-1] |= equal
-        pos = np.flatnonzero(in_run)
-        sub = order[pos]
-        order[pos] = sub[np.lexsort((tiebreak[sub], key[sub]))]
-    return order
+    d2_max = float(d2.max())
+    key = d2 * (0.5 / d2_max if d2_max > 0 else 0.0)
+    key += block
+    return _sort_runs(np.argsort(key), key, d2, det, gt)
 
 
 def _greedy_match(det_loc, gt_loc, num_det_loc, num_gt_loc) -> np.ndarray:
@@ -445,22 +511,27 @@ def _greedy_match(det_loc, gt_loc, num_det_loc, num_gt_loc) -> np.ndarray:
     done_g = np.zeros(num_gt_loc, bool)
     first_d = np.empty(num_det_loc, np.int64)
     first_g = np.empty(num_gt_loc, np.int64)
+    positions = np.arange(min(_MATCH_CHUNK, det_loc.size))
     for start in range(0, det_loc.size, _MATCH_CHUNK):
         dets = det_loc[start:start + _MATCH_CHUNK]
         gts = gt_loc[start:start + _MATCH_CHUNK]
-        live = ~(done_d[dets] | done_g[gts])
-        dets, gts = dets[live], gts[live]
-        while dets.size:
-            pos = np.arange(dets.size)
-            first_d[dets] = dets.size
+        while True:
+            dead = done_d[dets]
+            dead |= done_g[gts]
+            live = np.flatnonzero(~dead)
+            dets, gts = dets[live], gts[live]
+            n = dets.size
+            if not n:
+                break
+            pos = positions[:n]
+            first_d[dets] = n
             np.minimum.at(first_d, dets, pos)
-            first_g[gts] = dets.size
+            first_g[gts] = n
             np.minimum.at(first_g, gts, pos)
-            accept = (first_d[dets] == pos) & (first_g[gts] == pos)
+            accept = first_d[dets] == pos
+            accept &= first_g[gts] == pos
             done_d[dets[accept]] = True
             done_g[gts[accept]] = True
-            live = ~(done_d[dets] | done_g[gts])
-            dets, gts = dets[live], gts[live]
     return done_d
 
 
@@ -577,7 +648,7 @@ def evaluate_point_ap(
 
     # Matching order: per (image, class), descending score, stable; then max_dets.
     d_key = d_img * num_classes + d_cls
-    order = np.lexsort((np.arange(d_key.size), -d_score, d_key))
+    order = _matching_order(d_key, d_score)
     key_sorted = d_key[order]
     group_start = np.ones(order.size, bool)
     group_start[1:] = key_sorted[1:] != key_sorted[:-1]
@@ -596,32 +667,56 @@ def evaluate_point_ap(
     pair_det, pair_gt, pair_d2 = _candidate_pairs(
         d_key, d_pts, g_img * num_classes + g_cls, g_ctr, g_wh, max(taus)
     )
-    prio = _pair_priority(block[pair_det], pair_d2, pair_det * max(g_cls.size, 1) + pair_gt)
-    pair_det, pair_gt, pair_d2 = pair_det[prio], pair_gt[prio], pair_d2[prio]
-    # Compact ids of the detections and GTs that have a pair, for the matching rounds.
-    det_ids, det_loc = np.unique(pair_det, return_inverse=True)
+    prio = _pair_priority(block[pair_det], pair_d2, pair_det, pair_gt)
+    # Compact ids of the detections that have a pair, for the matching rounds.
+    has_pair = np.zeros(num_dets, bool)
+    has_pair[pair_det] = True
+    det_ids = np.flatnonzero(has_pair)
+    det_loc = (np.cumsum(has_pair) - 1)[pair_det[prio]]
+    pair_gt, pair_d2 = pair_gt[prio], pair_d2[prio]
     num_gt_loc = int(pair_gt.max()) + 1 if pair_gt.size else 0
 
     # Ranking for AP: per class, descending score; ties keep image order, then the
-    # order inside the image.
-    pooled = np.lexsort((np.arange(num_dets), d_img, -d_score, d_cls))
+    # order inside the image (lexsort is stable).
+    pooled = np.lexsort((d_img, -d_score, d_cls))
+
+    # The pairs within each tau, largest tau first: each tau's pairs are a subset of
+    # the previous one's, still in priority order.
+    within_tau = {}
+    t_loc, t_gt, t_d2 = det_loc, pair_gt, pair_d2
+    for t in sorted(range(len(taus)), key=lambda i: -taus[i]):
+        within = t_d2 <= taus[t] * taus[t]
+        if not within.all():
+            within = np.flatnonzero(within)
+            t_loc, t_gt, t_d2 = t_loc[within], t_gt[within], t_d2[within]
+        within_tau[t] = t_loc, t_gt
+    gt_paired = np.zeros(g_cls.size, bool)
+    gt_paired[pair_gt] = True
 
     ap = np.zeros((len(taus), len(bounds), num_classes))
     num_pos = np.zeros((len(bounds), num_classes), np.int64)
     for r, (lo, hi) in enumerate(bounds):
         ignore = g_crowd | (g_size < lo) | (g_size >= hi)
         num_pos[r] = np.bincount(g_cls[~ignore], minlength=num_classes)
-        pair_ignore = ignore[pair_gt]
+        # Each detection's least distance to an ignore GT (inf: none within max tau).
+        # Ranges that ignore none or all of the GTs with a pair skip the per-pair work.
+        ignores = ignore[gt_paired]
+        some, every = bool(ignores.any()), bool(ignores.all())
+        ignore_d2 = np.full(num_dets, np.inf)
+        if some:
+            at = slice(None) if every else np.flatnonzero(ignore[pair_gt])
+            loc_d2 = np.full(det_ids.size, np.inf)
+            np.minimum.at(loc_d2, det_loc[at], pair_d2[at])
+            ignore_d2[det_ids] = loc_d2
         for t, tau in enumerate(taus):
-            within = pair_d2 <= tau * tau
-            regular = within & ~pair_ignore
+            reg_loc, reg_gt = within_tau[t]
             tp = np.zeros(num_dets, bool)
-            tp[det_ids] = _greedy_match(
-                det_loc[regular], pair_gt[regular], det_ids.size, num_gt_loc
-            )
-            near_ignore = np.zeros(num_dets, bool)
-            near_ignore[pair_det[within & pair_ignore]] = True
-            kept = tp | ~near_ignore
+            if some and not every:
+                regular = ~ignore[reg_gt]
+                reg_loc, reg_gt = reg_loc[regular], reg_gt[regular]
+            if reg_loc.size and not every:
+                tp[det_ids] = _greedy_match(reg_loc, reg_gt, det_ids.size, num_gt_loc)
+            kept = tp | ~(ignore_d2 <= tau * tau)
             sel = pooled[kept[pooled]]
             ap[t, r] = _class_ap(d_cls[sel], tp[sel], num_pos[r], clean)
 

@@ -16,7 +16,9 @@ import pytest
 from cpr_d2.evaluation import point_ap
 from cpr_d2.evaluation.point_ap import (
     SIZE_RANGE_PRESETS,
+    _candidate_pairs,
     _greedy_match,
+    _matching_order,
     _pair_priority,
     _tie_blocks,
     evaluate_point_ap,
@@ -543,20 +545,45 @@ def test_greedy_match_equals_the_sequential_walk(monkeypatch, chunk):
 
 
 def test_pair_priority_equals_lexsort():
-    rng = np.random.default_rng(0)
-    n = 5000
-    block = np.sort(rng.integers(0, 300, n))
-    d2 = rng.integers(0, 6, n) / 4.0  # many exact ties
-    tiebreak = rng.permutation(n)
-    np.testing.assert_array_equal(
-        _pair_priority(block, d2, tiebreak), np.lexsort((tiebreak, d2, block))
-    )
-    assert _pair_priority(block[:0], d2[:0], tiebreak[:0]).size == 0
+    """Fresh random pairs with exact distance ties, distances one ulp apart, and blocks
+    large enough that block + d2 cannot tell close distances apart."""
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    for _ in range(20):
+        n = int(rng.integers(1, 5000))
+        block = np.sort(rng.integers(0, 300, n)) * int(rng.choice([1, 1 << 20, 1 << 40]))
+        d2 = rng.integers(0, 6, n) / 4.0  # many exact ties
+        near = rng.random(n) < 0.3
+        d2[near] = np.nextafter(d2[near], 5.0)
+        if rng.random() < 0.3:
+            d2 = rng.random(n) * 4.0
+        det = rng.integers(0, 400, n)
+        gt = rng.permutation(n)  # (det, gt) pairs are distinct
+        np.testing.assert_array_equal(
+            _pair_priority(block, d2, det, gt), np.lexsort((gt, det, d2, block))
+        )
+    assert _pair_priority(block[:0], d2[:0], det[:0], gt[:0]).size == 0
+    zero = np.zeros(5)
+    np.testing.assert_array_equal(_pair_priority(np.zeros(5, np.int64), zero, np.arange(5)[::-1],
+                                                 np.zeros(5, np.int64)), np.arange(5)[::-1])
+
+
+def brute_force_pairs(det_key, det_pts, gt_key, gt_centers, gt_wh, max_tau):
+    """Every (detection, GT) pair with equal keys within max_tau, measured as the
+    rules say, sorted."""
+    delta = (det_pts[:, None] - gt_centers[None]) / gt_wh[None]
+    full = (delta ** 2).sum(-1)
+    return np.argwhere((full <= max_tau ** 2) & (det_key[:, None] == gt_key[None])), full
+
+
+def assert_candidates_exact(det_key, det_pts, gt_key, gt_centers, gt_wh, max_tau):
+    dets, gts, d2 = _candidate_pairs(det_key, det_pts, gt_key, gt_centers, gt_wh, max_tau)
+    want, full = brute_force_pairs(det_key, det_pts, gt_key, gt_centers, gt_wh, max_tau)
+    got = np.stack([dets, gts], 1)
+    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, want.tolist()))
+    np.testing.assert_array_equal(d2, full[dets, gts])
 
 
 def test_candidate_pairs_equal_brute_force_on_dense_images():
-    from cpr_d2.evaluation.point_ap import _candidate_pairs
-
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
     for _ in range(20):
         n, k = int(rng.integers(1, 400)), int(rng.integers(1, 800))
@@ -570,10 +597,85 @@ def test_candidate_pairs_equal_brute_force_on_dense_images():
         det_key = rng.integers(0, 3, k)
         gt_key = rng.integers(0, 3, n)
         max_tau = float(rng.choice([0.5, 1.0, 2.0]))
-        dets, gts, d2 = _candidate_pairs(det_key, det_pts, gt_key, gt_centers, gt_wh, max_tau)
-        delta = (det_pts[:, None] - gt_centers[None]) / gt_wh[None]
-        full = (delta ** 2).sum(-1)
-        want = np.argwhere((full <= max_tau ** 2) & (det_key[:, None] == gt_key[None]))
-        got = np.stack([dets, gts], 1)
-        assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, want.tolist()))
-        np.testing.assert_allclose(d2, full[dets, gts], rtol=1e-12)
+        assert_candidates_exact(det_key, det_pts, gt_key, gt_centers, gt_wh, max_tau)
+
+
+def test_candidate_pairs_keep_pairs_exactly_at_tau():
+    """Integer centres and sizes, detections exactly max_tau box sizes away along an
+    axis or at (3, 4, 5) offsets, and others one ulp further: the exact boundary."""
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    for _ in range(20):
+        n = int(rng.integers(1, 200))
+        gt_centers = rng.integers(0, 300, (n, 2)).astype(np.float64)
+        gt_wh = rng.integers(1, 40, (n, 2)).astype(np.float64)
+        max_tau = float(rng.choice([0.5, 1.0, 2.0, 5.0]))
+        src = rng.integers(0, n, 4 * n)
+        step = np.array([[1, 0], [0, 1], [-1, 0], [0, -1], [0.6, 0.8], [-0.8, 0.6]])
+        offset = step[rng.integers(0, len(step), 4 * n)] * max_tau * gt_wh[src]
+        det_pts = gt_centers[src] + offset
+        further = rng.random(4 * n) < 0.3
+        det_pts[further] = np.nextafter(det_pts[further], det_pts[further] + offset[further])
+        keys = np.zeros(n, np.int64)
+        assert_candidates_exact(np.zeros(4 * n, np.int64), det_pts, keys, gt_centers, gt_wh,
+                                max_tau)
+
+
+@pytest.mark.parametrize("scale", [1 << 28, 1 << 60])
+def test_candidate_pairs_with_huge_keys(scale):
+    """Keys too large to combine with the strip number are ranked densely first; GT
+    keys no detection has find nothing. With 1 << 60 and the 16 strips of 40 px
+    here, key * 16 + strip would wrap around and mix keys up."""
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    n, k = 300, 600
+    gt_centers = rng.uniform(0, 640, (n, 2))
+    gt_wh = np.full((n, 2), 10.0)  # tau 2: strips of 2 * 2 * 10 px
+    det_pts = np.clip(gt_centers[rng.integers(0, n, k)] + rng.normal(0, 8, (k, 2)), 0, 639)
+    det_pts[:2, 1] = 0, 639  # strips 0 to 15
+    det_key = rng.integers(0, 4, k) * scale - 2 * scale
+    gt_key = rng.integers(0, 5, n) * scale - 2 * scale
+    assert_candidates_exact(det_key, det_pts, gt_key, gt_centers, gt_wh, 2.0)
+
+
+def test_candidate_pairs_with_many_strips_and_keys():
+    """About 2^20 strips times 1,100 keys: the (key, strip) numbers are ranked densely
+    too, and GT strips without a detection of their key are dropped."""
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    k = 1100
+    det_pts = np.stack([rng.uniform(0, 100, k), rng.uniform(0, 5e6, k)], 1)
+    det_key = rng.permutation(k)
+    src = rng.integers(0, k, 800)
+    gt_centers = det_pts[src] + rng.normal(0, 1, (800, 2))
+    gt_wh = rng.uniform(0.5, 2, (800, 2))
+    gt_key = np.where(rng.random(800) < 0.8, det_key[src], k + 5)
+    assert_candidates_exact(det_key, det_pts, gt_key, gt_centers, gt_wh, 2.0)
+
+
+def test_candidate_pairs_far_from_the_origin():
+    """Coordinates beyond the search's clipping limit, and boxes as wide as the
+    spread: the margin grows past 3 px, bands reach the neighbouring (key, strip)
+    and the (key, strip) is compared pair by pair (else pairs come out twice)."""
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    n, k = 120, 400
+    gt_centers = np.stack([rng.uniform(-3e12, 3e12, n), rng.uniform(0, 4000, n)], 1)
+    gt_wh = np.where(rng.random((n, 1)) < 0.3, [[1e13, 1000.0]], [[10.0, 10.0]])
+    det_pts = np.stack([rng.uniform(-3e12, 3e12, k), rng.uniform(0, 4000, k)], 1)
+    det_pts[: k // 4, 0] = -3e12  # at the left edge of every (key, strip)
+    det_key, gt_key = rng.integers(0, 3, k), rng.integers(0, 3, n)
+    assert_candidates_exact(det_key, det_pts, gt_key, gt_centers, gt_wh, 2.0)
+
+
+@pytest.mark.parametrize("limit", [1 << 30, 1])
+def test_matching_order_equals_a_stable_sort(monkeypatch, limit):
+    """(key, descending float32 score, index) on fresh random inputs with tied,
+    negative and signed-zero scores; limit 1 takes the lexsort path."""
+    monkeypatch.setattr(point_ap, "_ORDER_KEY_LIMIT", limit)
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    for _ in range(20):
+        n = int(rng.integers(0, 3000))
+        key = rng.integers(0, int(rng.choice([1, 5, 10 ** 6])), n)
+        scores = rng.choice(np.array([0.9, 0.5, 0.0, -0.0, -0.3, 1e-30, -1e-30, 7.0],
+                                     np.float32), n)
+        rand = rng.random(n) < 0.5
+        scores[rand] = rng.normal(0, 1, int(rand.sum())).astype(np.float32)
+        want = np.lexsort((np.arange(n), -scores, key)) if n else np.zeros(0, np.int64)
+        np.testing.assert_array_equal(_matching_order(key, scores), want)
