@@ -344,6 +344,11 @@ def _tie_blocks(scores: np.ndarray, group_start: np.ndarray) -> np.ndarray:
     return np.cumsum(new) - 1
 
 
+def _abs_max(*arrays) -> int:
+    """The largest magnitude in non-empty integer arrays, as a Python int."""
+    return max(max(abs(int(a.min())), abs(int(a.max()))) for a in arrays)
+
+
 def _dense_keys(det_keys: np.ndarray, gt_keys: np.ndarray):
     """Dense ranks of the detections' keys, and the GTs' keys on the same ranks
     (-1 where no detection has the key)."""
@@ -394,12 +399,11 @@ def _candidate_pairs(det_key, det_pts, gt_key, gt_centers, gt_wh, max_tau):
     rep_strip = gt_lo[rep] + (np.arange(rep.size) - np.repeat(np.cumsum(spans) - spans, spans))
 
     # One integer per (key, strip); ranked densely when the raw numbers get large.
-    if max(abs(int(det_key.min())), abs(int(det_key.max())), abs(int(gt_key.min())),
-           abs(int(gt_key.max()))) + 1 >= _DENSE_LIMIT // num_strips:
+    if _abs_max(det_key, gt_key) + 1 >= _DENSE_LIMIT // num_strips:
         det_key, gt_key = _dense_keys(det_key, gt_key)  # absent GT keys: -1, no strip hits
     det_ck = det_key * num_strips + (det_strip - s0).astype(np.int64)
     rep_ck = gt_key[rep] * num_strips + (rep_strip - s0).astype(np.int64)
-    if max(abs(int(det_ck.min())), abs(int(det_ck.max()))) + 1 >= _DENSE_LIMIT:
+    if _abs_max(det_ck) + 1 >= _DENSE_LIMIT:
         det_ck, rep_ck = _dense_keys(det_ck, rep_ck)
         found = rep_ck >= 0
         rep, rep_strip, rep_ck = rep[found], rep_strip[found], rep_ck[found]
@@ -419,7 +423,7 @@ def _candidate_pairs(det_key, det_pts, gt_key, gt_centers, gt_wh, max_tau):
     x0 = float(det_x.min())
     width = float(det_x.max()) - x0
     span = width + 4.0
-    ck_abs = max(abs(int(det_ck.min())), abs(int(det_ck.max())))
+    ck_abs = _abs_max(det_ck)
     coord_abs = max(float(np.abs(det_x).max()), float(np.abs(gt_x).max()))
     margin = ((ck_abs + 2) * span + 2 * coord_abs) * 2.0 ** -44
     rel_x = rep_x - x0
@@ -709,13 +713,14 @@ def evaluate_point_ap(
             np.minimum.at(loc_d2, det_loc[at], pair_d2[at])
             ignore_d2[det_ids] = loc_d2
         for t, tau in enumerate(taus):
-            reg_loc, reg_gt = within_tau[t]
             tp = np.zeros(num_dets, bool)
-            if some and not every:
-                regular = ~ignore[reg_gt]
-                reg_loc, reg_gt = reg_loc[regular], reg_gt[regular]
-            if reg_loc.size and not every:
-                tp[det_ids] = _greedy_match(reg_loc, reg_gt, det_ids.size, num_gt_loc)
+            if not every:  # else no detection has a non-ignore GT to match
+                reg_loc, reg_gt = within_tau[t]
+                if some:
+                    regular = ~ignore[reg_gt]
+                    reg_loc, reg_gt = reg_loc[regular], reg_gt[regular]
+                if reg_loc.size:
+                    tp[det_ids] = _greedy_match(reg_loc, reg_gt, det_ids.size, num_gt_loc)
             kept = tp | ~(ignore_d2 <= tau * tau)
             sel = pooled[kept[pooled]]
             ap[t, r] = _class_ap(d_cls[sel], tp[sel], num_pos[r], clean)
