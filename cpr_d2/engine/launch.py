@@ -108,7 +108,7 @@ def check_launch(num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=
         # One process in the whole job runs here, CUDA or not (MODEL.DEVICE decides), as
         # detectron2's launch does.
         return "here", 1
-    if num_machines > 1 and dist_url in (None, "", "auto"):
+    if num_machines > 1 and _is_auto(dist_url):
         raise ValueError(f"--dist-url {dist_url or 'auto'} only works on one machine; with "
                          f"--num-machines {num_machines} pass the address of machine 0 that "
                          "every machine can reach, e.g. --dist-url tcp://10.0.0.1:23456")
@@ -144,7 +144,7 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
                                 timeout=timeout)
         return None
     with contextlib.ExitStack() as stack:
-        if dist_url in (None, "", "auto"):
+        if _is_auto(dist_url):
             # One machine: meet in a file of a fresh folder rather than on a "free" port,
             # which a job started at the same moment could take too (EADDRINUSE).
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="cpr_d2_dist_"))
@@ -185,8 +185,13 @@ def _check_gpu_job(num_gpus, num_machines, backend, num_workers):
                          f"sees on this machine; use --num-gpus {available} or fewer")
 
 
+def _is_auto(dist_url):
+    """True for a --dist-url that leaves the rendezvous to launch (one machine only)."""
+    return dist_url in (None, "", "auto")
+
+
 def _dist_url(dist_url, num_machines):
-    if dist_url in (None, "", "auto"):
+    if _is_auto(dist_url):
         return f"tcp://127.0.0.1:{d2_launch_module._find_free_port()}"
     if num_machines > 1 and dist_url.startswith("file://"):
         logger.warning("file:// is not a reliable init_method in multi-machine jobs. Prefer tcp://")
