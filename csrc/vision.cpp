@@ -1,6 +1,7 @@
 // Registers the cpr_d2 operator schemas (torch.ops.cpr_d2.*) and the small
 // Python module cpr_d2._C that reports how the extension was built. The
-// kernels register themselves per device in point_ops/point_ops_{cpu,cuda}.
+// kernels register themselves per device in point_ops/point_ops_{cpu,cuda} and
+// point_ap/point_ap_{cpu,cuda}.
 // The backward ops return the features' gradient in channels-last memory
 // format when `channels_last` is set (pass the forward input's format).
 #include <torch/extension.h>
@@ -31,6 +32,10 @@ TORCH_LIBRARY(cpr_d2, m) {
   m.def(
       "bag_gather_backward(Tensor grad_out, Tensor points, Tensor batch_idx, int radius,"
       " float stride, int[] feature_size, bool channels_last=False) -> Tensor");
+  // point_ap/point_ap.h: the greedy matching of the point AP evaluator.
+  m.def(
+      "point_ap_match(Tensor det_key, Tensor det_xy, Tensor det_block, Tensor gt_key,"
+      " Tensor gt_xy, Tensor gt_wh, Tensor ignore, float[] taus) -> (Tensor tp, Tensor ignore_d2)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

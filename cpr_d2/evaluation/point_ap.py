@@ -1,6 +1,8 @@
 """Point AP: average precision for point localisation (the paper's metric).
 
-Pure numpy, no detectron2 dependency. The rules are those of
+Written in numpy, without detectron2; the matching of detections to GTs also runs
+compiled (``torch.ops.cpr_d2.point_ap_match``, CPU and CUDA kernels, see
+``backend``), with the numpy matcher as its reference. The rules are those of
 docs/method.md, "Evaluation: point AP"; by default they reproduce the
 published evaluator, including its two quirks (marked (Q) below), so numbers
 compare with the paper's. ``clean=True`` drops the quirks.
@@ -46,7 +48,7 @@ import math
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Mapping, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -539,6 +541,115 @@ def _greedy_match(det_loc, gt_loc, num_det_loc, num_gt_loc) -> np.ndarray:
     return done_d
 
 
+def _match_numpy(d_key, d_pts, block, g_key, g_ctr, g_wh, ignore, taus):
+    """The reference matcher: ``tp`` ``(T, R, D)`` (detection matched, per tau and
+    size range) and ``ignore_d2`` ``(R, D)`` (least d2 to an ignore GT within the
+    largest tau, inf if none). Detections in matching order, ``block`` their tie
+    blocks, ``ignore`` ``(R, G)``."""
+    num_dets = d_key.size
+    tp = np.zeros((len(taus), ignore.shape[0], num_dets), bool)
+    ignore_d2 = np.full((ignore.shape[0], num_dets), np.inf)
+    # Candidate pairs within the largest tau, in matching priority: block, distance,
+    # detection, GT (the closest pair of a block first; one-detection blocks take their
+    # closest GT; remaining ties go to the earlier detection, then the earlier GT).
+    pair_det, pair_gt, pair_d2 = _candidate_pairs(d_key, d_pts, g_key, g_ctr, g_wh, max(taus))
+    prio = _pair_priority(block[pair_det], pair_d2, pair_det, pair_gt)
+    # Compact ids of the detections that have a pair, for the matching rounds.
+    has_pair = np.zeros(num_dets, bool)
+    has_pair[pair_det] = True
+    det_ids = np.flatnonzero(has_pair)
+    det_loc = (np.cumsum(has_pair) - 1)[pair_det[prio]]
+    pair_gt, pair_d2 = pair_gt[prio], pair_d2[prio]
+    num_gt_loc = int(pair_gt.max()) + 1 if pair_gt.size else 0
+
+    # The pairs within each tau, largest tau first: each tau's pairs are a subset of
+    # the previous one's, still in priority order.
+    within_tau = {}
+    t_loc, t_gt, t_d2 = det_loc, pair_gt, pair_d2
+    for t in sorted(range(len(taus)), key=lambda i: -taus[i]):
+        within = t_d2 <= taus[t] * taus[t]
+        if not within.all():
+            within = np.flatnonzero(within)
+            t_loc, t_gt, t_d2 = t_loc[within], t_gt[within], t_d2[within]
+        within_tau[t] = t_loc, t_gt
+    gt_paired = np.zeros(g_key.size, bool)
+    gt_paired[pair_gt] = True
+
+    for r, row in enumerate(ignore):
+        # Ranges that ignore none or all of the GTs with a pair skip the per-pair work.
+        ignores = row[gt_paired]
+        some, every = bool(ignores.any()), bool(ignores.all())
+        if some:
+            at = slice(None) if every else np.flatnonzero(row[pair_gt])
+            loc_d2 = np.full(det_ids.size, np.inf)
+            np.minimum.at(loc_d2, det_loc[at], pair_d2[at])
+            ignore_d2[r, det_ids] = loc_d2
+        if every:  # no detection has a non-ignore GT to match
+            continue
+        for t in range(len(taus)):
+            reg_loc, reg_gt = within_tau[t]
+            if some:
+                regular = ~row[reg_gt]
+                reg_loc, reg_gt = reg_loc[regular], reg_gt[regular]
+            if reg_loc.size:
+                tp[t, r, det_ids] = _greedy_match(reg_loc, reg_gt, det_ids.size, num_gt_loc)
+    return tp, ignore_d2
+
+
+_BACKENDS = ("auto", "compiled", "numpy")
+
+
+def _compiled_matcher(backend, device):
+    """torch.ops.cpr_d2.point_ap_match if ``backend`` asks for it and it serves
+    ``device``, else None (numpy)."""
+    if backend == "numpy":
+        return None
+    import torch
+
+    from cpr_d2.layers._ext import compiled_op
+
+    try:
+        where = torch.device(device or "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}") from e
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA GPU; use device='cpu'")
+    probe = torch.empty(0, dtype=torch.float64, device=where)
+    op = compiled_op("point_ap_match", probe)
+    if op is None and backend == "compiled":
+        raise RuntimeError(
+            f"backend='compiled' but cpr_d2._C has no point_ap_match kernel for {probe.device}; "
+            "rebuild it (`CPR_D2_REBUILD=1 bash tools/setup_env.sh`, then "
+            "`python -m cpr_d2.collect_env`) or use backend='numpy'"
+        )
+    return op
+
+
+def _match_compiled(op, device, d_key, d_pts, block, g_key, g_ctr, g_wh, ignore, taus):
+    """``_match_numpy``'s results from the compiled matcher. It wants the GTs sorted by
+    key (a stable sort keeps the GT order that breaks distance ties) and runs each
+    distinct row of ``ignore`` once."""
+    import torch
+
+    gt_order = np.argsort(g_key, kind="stable")
+    ignore = ignore[:, gt_order]
+    # Each distinct ignore mask once (np.unique(axis=0) is slow on bool rows).
+    distinct, inverse = {}, np.zeros(len(ignore), np.int64)
+    for r, row in enumerate(ignore):
+        inverse[r] = distinct.setdefault(row.tobytes(), len(distinct))
+    rows = ignore[[inverse.tolist().index(k) for k in range(len(distinct))]]
+
+    def tensor(a, dtype):
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(device or "cpu")
+
+    tp, ignore_d2 = op(
+        tensor(d_key, np.int64), tensor(d_pts, np.float64), tensor(block, np.int64),
+        tensor(g_key[gt_order], np.int64), tensor(g_ctr[gt_order], np.float64),
+        tensor(g_wh[gt_order], np.float64), tensor(rows, np.bool_), [float(t) for t in taus],
+    )
+    return tp.cpu().numpy()[:, inverse], ignore_d2.cpu().numpy()[inverse]
+
+
 # ----------------------------------------------------------------------------- AP
 
 
@@ -607,6 +718,8 @@ def evaluate_point_ap(
     max_dets: int = 100,
     clean: bool = False,
     count_score_thresh: float = 0.5,
+    backend: str = "auto",
+    device: Optional[str] = None,
 ) -> PointAPResult:
     """Point AP over a set of images.
 
@@ -624,6 +737,13 @@ def evaluate_point_ap(
         clean: drop the published evaluator's quirks (see module docstring).
         count_score_thresh: detections with a score above it are counted for
             MAE / RMSE.
+        backend: who matches detections to GTs. ``"auto"``: the compiled
+            matcher (``torch.ops.cpr_d2.point_ap_match``) when cpr_d2._C has
+            it for ``device``, else numpy (logged once); ``"compiled"``: the
+            compiled matcher or an error; ``"numpy"``: the numpy reference.
+            All give the same result, bit for bit.
+        device: where the compiled matcher runs (default ``"cpu"``; e.g.
+            ``"cuda"``); inputs and results stay numpy either way.
     """
     if len(gts) != len(dets):
         raise ValueError(f"got GT for {len(gts)} images but detections for {len(dets)}")
@@ -637,6 +757,8 @@ def evaluate_point_ap(
     max_dets = int(max_dets)
     taus = _check_taus(taus)
     range_names, bounds = _resolve_size_ranges(size_ranges)
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
 
     g_img, g_cls, g_ctr, g_wh, g_crowd = _pack_gts(gts, num_classes)
     d_img, d_cls, d_pts, d_score = _pack_dets(dets)
@@ -661,69 +783,30 @@ def evaluate_point_ap(
     keep = rank < max_dets
     order, group_start = order[keep], group_start[keep]
     d_img, d_cls, d_pts, d_score, d_key = (a[order] for a in (d_img, d_cls, d_pts, d_score, d_key))
-    num_dets = order.size
     block = _tie_blocks(d_score, group_start)
 
-    # Candidate pairs within the largest tau, in matching priority: block, distance,
-    # detection, GT (the closest pair of a block first; one-detection blocks take their
-    # closest GT; remaining ties go to the earlier detection, then the earlier GT).
-    g_size = np.sqrt(g_wh[:, 0] * g_wh[:, 1])
-    pair_det, pair_gt, pair_d2 = _candidate_pairs(
-        d_key, d_pts, g_img * num_classes + g_cls, g_ctr, g_wh, max(taus)
-    )
-    prio = _pair_priority(block[pair_det], pair_d2, pair_det, pair_gt)
-    # Compact ids of the detections that have a pair, for the matching rounds.
-    has_pair = np.zeros(num_dets, bool)
-    has_pair[pair_det] = True
-    det_ids = np.flatnonzero(has_pair)
-    det_loc = (np.cumsum(has_pair) - 1)[pair_det[prio]]
-    pair_gt, pair_d2 = pair_gt[prio], pair_d2[prio]
-    num_gt_loc = int(pair_gt.max()) + 1 if pair_gt.size else 0
-
     # Ranking for AP: per class, descending score; ties keep image order, then the
-    # order inside the image (lexsort is stable).
-    pooled = np.lexsort((d_img, -d_score, d_cls))
+    # order inside the image (the detections are in (image, class, score) order).
+    pooled = _matching_order(d_cls, d_score)
 
-    # The pairs within each tau, largest tau first: each tau's pairs are a subset of
-    # the previous one's, still in priority order.
-    within_tau = {}
-    t_loc, t_gt, t_d2 = det_loc, pair_gt, pair_d2
-    for t in sorted(range(len(taus)), key=lambda i: -taus[i]):
-        within = t_d2 <= taus[t] * taus[t]
-        if not within.all():
-            within = np.flatnonzero(within)
-            t_loc, t_gt, t_d2 = t_loc[within], t_gt[within], t_d2[within]
-        within_tau[t] = t_loc, t_gt
-    gt_paired = np.zeros(g_cls.size, bool)
-    gt_paired[pair_gt] = True
+    g_key = g_img * num_classes + g_cls
+    g_size = np.sqrt(g_wh[:, 0] * g_wh[:, 1])
+    ignore = np.stack([g_crowd | (g_size < lo) | (g_size >= hi) for lo, hi in bounds])
+    num_pos = np.stack([np.bincount(g_cls[~row], minlength=num_classes) for row in ignore])
+    matcher = _compiled_matcher(backend, device)
+    if matcher is None:
+        tp, ignore_d2 = _match_numpy(d_key, d_pts, block, g_key, g_ctr, g_wh, ignore, taus)
+    else:
+        tp, ignore_d2 = _match_compiled(matcher, device, d_key, d_pts, block, g_key, g_ctr,
+                                        g_wh, ignore, taus)
 
     ap = np.zeros((len(taus), len(bounds), num_classes))
-    num_pos = np.zeros((len(bounds), num_classes), np.int64)
-    for r, (lo, hi) in enumerate(bounds):
-        ignore = g_crowd | (g_size < lo) | (g_size >= hi)
-        num_pos[r] = np.bincount(g_cls[~ignore], minlength=num_classes)
-        # Each detection's least distance to an ignore GT (inf: none within max tau).
-        # Ranges that ignore none or all of the GTs with a pair skip the per-pair work.
-        ignores = ignore[gt_paired]
-        some, every = bool(ignores.any()), bool(ignores.all())
-        ignore_d2 = np.full(num_dets, np.inf)
-        if some:
-            at = slice(None) if every else np.flatnonzero(ignore[pair_gt])
-            loc_d2 = np.full(det_ids.size, np.inf)
-            np.minimum.at(loc_d2, det_loc[at], pair_d2[at])
-            ignore_d2[det_ids] = loc_d2
+    for r in range(len(bounds)):
         for t, tau in enumerate(taus):
-            tp = np.zeros(num_dets, bool)
-            if not every:  # else no detection has a non-ignore GT to match
-                reg_loc, reg_gt = within_tau[t]
-                if some:
-                    regular = ~ignore[reg_gt]
-                    reg_loc, reg_gt = reg_loc[regular], reg_gt[regular]
-                if reg_loc.size:
-                    tp[det_ids] = _greedy_match(reg_loc, reg_gt, det_ids.size, num_gt_loc)
-            kept = tp | ~(ignore_d2 <= tau * tau)
+            # An unmatched detection within tau of an ignore GT is dropped.
+            kept = tp[t, r] | ~(ignore_d2[r] <= tau * tau)
             sel = pooled[kept[pooled]]
-            ap[t, r] = _class_ap(d_cls[sel], tp[sel], num_pos[r], clean)
+            ap[t, r] = _class_ap(d_cls[sel], tp[t, r][sel], num_pos[r], clean)
 
     return PointAPResult(
         taus=taus,

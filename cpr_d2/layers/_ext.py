@@ -84,7 +84,7 @@ def compiled_op(name, tensor):
 
 def extension_status():
     """A dict describing the compiled extension: built, load error, CUDA build, kernels."""
-    ops = ("bag_points", "negative_mask", "bilinear_gather", "bag_gather")
+    ops = ("bag_points", "negative_mask", "bilinear_gather", "bag_gather", "point_ap_match")
     return {
         "built": _C is not None,
         "error": _LOAD_ERROR,

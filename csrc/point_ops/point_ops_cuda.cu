@@ -15,6 +15,7 @@
 
 #include <algorithm>
 
+#include "cuda_launch.cuh"
 #include "point_math.h"
 #include "point_ops.h"
 
@@ -26,18 +27,6 @@ namespace cpr_d2 {
 int64_t cuda_version() { return CUDART_VERSION; }
 
 namespace {
-
-constexpr int kThreads = 256;
-
-// Blocks for a grid-stride loop over n items.
-unsigned int blocks_for(int64_t n) {
-  const int64_t wanted = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(wanted, 1 << 20)));
-}
-
-#define CPR_GRID_STRIDE_LOOP(i, n)                                                   \
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 FeatureStrides strides_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};

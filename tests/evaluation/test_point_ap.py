@@ -505,8 +505,9 @@ def random_case(rng):
     return gts, dets, num_classes
 
 
+@pytest.mark.parametrize("backend", ["numpy", "compiled"])
 @pytest.mark.parametrize("clean", [False, True])
-def test_random_cases_agree_with_loop_reference(clean):
+def test_random_cases_agree_with_loop_reference(clean, backend):
     taus = (0.5, 1.0, 2.0)
     ranges = {"all": (0, 1e5), "small": (0, 32), "medium": (32, 96), "large": (96, 1e5)}
     for seed in range(150):
@@ -514,7 +515,8 @@ def test_random_cases_agree_with_loop_reference(clean):
         gts, dets, num_classes = random_case(rng)
         max_dets = int(rng.choice([1, 2, 3, 100]))
         got = evaluate_point_ap(
-            gts, dets, num_classes, taus=taus, size_ranges=ranges, max_dets=max_dets, clean=clean
+            gts, dets, num_classes, taus=taus, size_ranges=ranges, max_dets=max_dets, clean=clean,
+            backend=backend,
         )
         want = reference_point_ap(
             gts, dets, num_classes, taus, list(ranges.values()), max_dets, clean

@@ -10,7 +10,7 @@ import cpr_d2.layers as L
 from cpr_d2.layers import _ext
 
 OPS = ["bag_points", "negative_mask", "bilinear_gather", "bilinear_gather_backward",
-       "bag_gather", "bag_gather_backward"]
+       "bag_gather", "bag_gather_backward", "point_ap_match"]
 
 
 def nvcc_available():
@@ -69,6 +69,11 @@ assert torch.equal(out, ref) and torch.equal(valid, ref_valid)
 out.sum().backward()
 assert f.grad is not None
 L.negative_mask(p, torch.zeros(5, dtype=torch.long), (8, 8), 8, 2, 1)
+import numpy as np
+from cpr_d2.evaluation.point_ap import evaluate_point_ap
+one_gt = {"boxes": np.array([[0.0, 0.0, 10.0, 10.0]]), "classes": np.array([0])}
+one_det = {"points": np.array([[5.0, 5.0]]), "scores": np.array([0.9]), "classes": np.array([0])}
+assert evaluate_point_ap([one_gt], [one_det], 1).ap[0, 0, 0] == 100 / 101  # numpy matcher
 print("FALLBACK-OK")
 """
 
