@@ -27,9 +27,14 @@ def _start(out, resume=False, launch=(), overrides=()):
     command = [sys.executable, "tools/train_net.py", *launch, "--config-file", CONFIG]
     command += ["--resume"] if resume else []
     command += TINY + list(overrides) + ["OUTPUT_DIR", str(out)]
-    # A session of its own, so that the kill reaches the data-loader worker too.
+    # A session of its own, so that the kill reaches the data-loader worker too. Its
+    # temporary files (the launcher's rendezvous folder, which a SIGKILL leaves
+    # behind) go under the test's own folder.
+    tmp = Path(out).parent / "tmp"
+    tmp.mkdir(exist_ok=True)
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(tmp)})
 
 
 def _finish(process):
