@@ -5,6 +5,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <numeric>
+#include <vector>
 
 #include "point_math.h"
 #include "point_ops.h"
@@ -141,12 +143,33 @@ at::Tensor negative_mask_cpu(const at::Tensor& points, const at::Tensor& labels,
   bool* m = mask.data_ptr<bool>();
   const double r = static_cast<double>(radius) * stride;
   const double r2 = mul_rn(r, r);
+  // The points of every row of cells whose window (cell_window, which errs on the
+  // wide side) reaches it, in point order: a counting sort, so that the work is
+  // the points' windows and not rows x points.
+  std::vector<int64_t> row_start(height + 1, 0);
+  for (int64_t n = 0; n < n_points; ++n) {
+    int64_t i_lo, i_hi;
+    if (!cell_window(p[2 * n + 1], r, stride, height, &i_lo, &i_hi)) continue;
+    for (int64_t i = i_lo; i <= i_hi; ++i) ++row_start[i + 1];
+  }
+  std::partial_sum(row_start.begin(), row_start.end(), row_start.begin());
+  std::vector<int64_t> row_points(row_start[height]);
+  {
+    std::vector<int64_t> fill(row_start.begin(), row_start.end() - 1);
+    for (int64_t n = 0; n < n_points; ++n) {
+      int64_t i_lo, i_hi;
+      if (!cell_window(p[2 * n + 1], r, stride, height, &i_lo, &i_hi)) continue;
+      for (int64_t i = i_lo; i <= i_hi; ++i) row_points[fill[i]++] = n;
+    }
+  }
   // Each thread owns whole rows of cells; per row it visits only the points
   // whose disc reaches the row, and of those only the cells in the window.
-  at::parallel_for(0, height, grain_for(2 * n_points), [&](int64_t i_begin, int64_t i_end) {
+  const int64_t per_row = std::max<int64_t>(1, row_start[height] / std::max<int64_t>(1, height));
+  at::parallel_for(0, height, grain_for(2 * per_row), [&](int64_t i_begin, int64_t i_end) {
     for (int64_t i = i_begin; i < i_end; ++i) {
       const double cy = cell_centre(i, stride);
-      for (int64_t n = 0; n < n_points; ++n) {
+      for (int64_t k = row_start[i]; k < row_start[i + 1]; ++k) {
+        const int64_t n = row_points[k];
         const double px = p[2 * n], py = p[2 * n + 1];
         const double dy = cy - py;
         if (!(mul_rn(dy, dy) < r2)) continue;  // the whole row is too far
