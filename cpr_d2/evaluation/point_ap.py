@@ -466,9 +466,10 @@ def _candidate_pairs(det_key, det_pts, gt_key, gt_centers, gt_wh, max_tau):
         if total:
             pos = np.repeat(lo[start:end] - (cum[start:end] - c - base), c) + np.arange(total)
             gt = np.repeat(rep[start:end], c)
-            dx = (sorted_x[pos] - gt_cx[gt]) / gt_w[gt]
-            dy = (sorted_y[pos] - gt_cy[gt]) / gt_h[gt]
-            d2 = dx * dx + dy * dy
+            with np.errstate(over="ignore"):  # tiny boxes: an infinite distance, no pair
+                dx = (sorted_x[pos] - gt_cx[gt]) / gt_w[gt]
+                dy = (sorted_y[pos] - gt_cy[gt]) / gt_h[gt]
+                d2 = dx * dx + dy * dy
             ok = d2 <= tau2
             if check_ck:
                 ok &= sorted_ck[pos] == np.repeat(rep_ck[start:end], c)
