@@ -85,6 +85,7 @@ _PAIR_CHUNK = 1 << 14
 # The candidate search clips coordinates to +-this (px), and ranks its sort keys
 # densely when they reach _DENSE_LIMIT.
 _COORD_LIMIT = 2.0 ** 40
+_REACH_LIMIT = 2.0 ** 42
 _DENSE_LIMIT = 1 << 30
 # Keys (image and class) below this sort with their scores in one integer.
 _ORDER_KEY_LIMIT = 1 << 30
@@ -388,7 +389,10 @@ def _candidate_pairs(det_key, det_pts, gt_key, gt_centers, gt_wh, max_tau):
 
     # Strips about twice as high as a typical GT's reach: 2-3 strips per GT. At most
     # 2^20 strips, so that strip numbers stay small.
-    reach_y = max_tau * gt_h * (1 + 1e-9) + 1e-9 * (1 + np.abs(gt_y))
+    # Reaches are capped at 2^42 px: past 2^41 a reach covers every clipped
+    # coordinate already, and the cap keeps a huge box's reach finite.
+    with np.errstate(over="ignore"):
+        reach_y = np.minimum(max_tau * gt_h * (1 + 1e-9) + 1e-9 * (1 + np.abs(gt_y)), _REACH_LIMIT)
     y0, y1 = float(det_y.min()), float(det_y.max())
     strip = max(float(np.median(2 * reach_y)), (y1 - y0) * 2.0 ** -20)
     det_strip = np.floor(det_y / strip)
@@ -416,8 +420,9 @@ def _candidate_pairs(det_key, det_pts, gt_key, gt_centers, gt_wh, max_tau):
     gap = np.maximum(rep_strip * strip - rep_y, rep_y - (rep_strip + 1) * strip)
     gap = np.maximum(gap - 1e-9 * (1 + np.abs(rep_y) + strip * (np.abs(rep_strip) + 1)), 0.0)
     rep_x = gt_x[rep]
-    half = (gt_w[rep] * np.sqrt(np.maximum(tau2 * (1 + 1e-9) - (gap / rep_h) ** 2, 0.0))
-            * (1 + 1e-9) + 1e-9 * (1 + np.abs(rep_x)))
+    with np.errstate(over="ignore"):
+        half = np.minimum(gt_w[rep] * np.sqrt(np.maximum(tau2 * (1 + 1e-9) - (gap / rep_h) ** 2, 0.0))
+                          * (1 + 1e-9) + 1e-9 * (1 + np.abs(rep_x)), _REACH_LIMIT)
 
     # Sort keys: x relative to the leftmost detection, plus (key, strip) times a span
     # wider than all of them. A band is clipped to the detections' x range first, so

@@ -32,6 +32,13 @@ constexpr double kMaxStrips = 1048576.0;  // 2^20
 
 double clip(double v) { return std::min(std::max(v, -kCoordLimit), kCoordLimit); }
 
+// How far from a GT centre c (clipped) a detection can be along an axis where the
+// box has size `size`, with slack. Capped at 2^42 px: past 2^41 it covers every
+// clipped coordinate already, and the cap keeps a huge box's reach finite.
+double reach(double max_tau, double size, double c) {
+  return std::min(max_tau * size * (1 + kSlack) + kSlack * (1 + std::abs(c)), 4 * kCoordLimit);
+}
+
 // 16 bytes: the pairs are most of the memory the kernel touches, and fresh pages
 // cost more than the arithmetic. Indices fit int32 (checked).
 struct Pair {
@@ -79,7 +86,7 @@ std::vector<Pair> find_candidates(const APMatchInputs& in, double max_tau) {
   std::vector<double> reach_y(num_gts);
   for (int64_t g = 0; g < num_gts; ++g) {
     const double cy = clip(gt_xy[2 * g + 1]);
-    reach_y[g] = max_tau * gt_wh[2 * g + 1] * (1 + kSlack) + kSlack * (1 + std::abs(cy));
+    reach_y[g] = reach(max_tau, gt_wh[2 * g + 1], cy);
   }
   double y0 = std::numeric_limits<double>::infinity(), y1 = -y0;
   for (int64_t d = 0; d < num_dets; ++d) {
@@ -153,7 +160,7 @@ std::vector<Pair> find_candidates(const APMatchInputs& in, double max_tau) {
     const double gx = gt_xy[2 * g], gy = gt_xy[2 * g + 1];
     const double w = gt_wh[2 * g], h = gt_wh[2 * g + 1];
     const double iw = 1.0 / w, ih = 1.0 / h;
-    const double reach_x = max_tau * w * (1 + kSlack) + kSlack * (1 + std::abs(cx));
+    const double reach_x = reach(max_tau, w, cx);
     const double x_lo = cx - reach_x, x_hi = cx + reach_x;
     // This key's buckets from strip lo on.
     int64_t b = std::lower_bound(bucket_strip.begin() + key_first, bucket_strip.begin() + key_end,

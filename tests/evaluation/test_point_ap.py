@@ -666,6 +666,19 @@ def test_candidate_pairs_far_from_the_origin():
     assert_candidates_exact(det_key, det_pts, gt_key, gt_centers, gt_wh, 2.0)
 
 
+def test_candidate_pairs_with_huge_boxes():
+    """Boxes of 1e308 px (median too): the reaches are capped, so the strips stay
+    finite and such a GT pairs with every detection of its key."""
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    n, k = 80, 300
+    gt_centers = rng.uniform(0, 500, (n, 2))
+    gt_wh = np.where(rng.random((n, 2)) < 0.6, 1e308, rng.uniform(2, 30, (n, 2)))
+    det_pts = rng.uniform(-1e6, 1e6, (k, 2))
+    det_pts[: k // 2] = gt_centers[rng.integers(0, n, k // 2)] + rng.normal(0, 5, (k // 2, 2))
+    assert_candidates_exact(rng.integers(0, 2, k), det_pts, rng.integers(0, 2, n), gt_centers,
+                            gt_wh, 2.0)
+
+
 @pytest.mark.parametrize("limit", [1 << 30, 1])
 def test_matching_order_equals_a_stable_sort(monkeypatch, limit):
     """(key, descending float32 score, index) on fresh random inputs with tied,

@@ -92,7 +92,19 @@ def lattice(rng):
     return np.zeros(len(pts), np.int64), pts, np.zeros(len(ctr), np.int64), ctr, wh
 
 
-LAYOUTS = [dense, at_tau, far_and_wide, many_strips_and_keys, subnormal_boxes, lattice]
+def huge_boxes(rng):
+    """Some boxes as large as floats go (1e308 px): their reach is capped, not infinite."""
+    n, k = 60, 300
+    ctr = rng.uniform(0, 500, (n, 2))
+    wh = np.where(rng.random((n, 2)) < 0.2, 1e308, rng.uniform(2, 30, (n, 2)))
+    wh[: n // 2] = np.where(rng.random((n // 2, 1)) < 0.5, 1e308, wh[: n // 2])  # both sides
+    pts = np.concatenate([ctr[rng.integers(0, n, k // 2)] + rng.normal(0, 5, (k // 2, 2)),
+                          rng.uniform(-1e6, 1e6, (k - k // 2, 2))])
+    return rng.integers(0, 2, k), pts, rng.integers(0, 2, n), ctr, wh
+
+
+LAYOUTS = [dense, at_tau, far_and_wide, many_strips_and_keys, subnormal_boxes, lattice,
+           huge_boxes]
 
 
 def matcher_inputs(rng, layout):
