@@ -77,6 +77,31 @@ CPR_AP_HD void ap_walk_block(int64_t p0, int64_t p1, bool single, double tau2,
   }
 }
 
+// Heap sort of items [0, n) in place: `items` gives less(a, b) and swap(a, b).
+// No extra memory and O(n log n) at worst, so the CUDA kernel sorts each tie
+// block in its own thread with it; the CPU kernel uses it for large blocks,
+// which tests it on the CPU.
+template <typename Items>
+CPR_AP_HD void ap_sift_down(Items& items, int64_t root, int64_t n) {
+  while (true) {
+    int64_t child = 2 * root + 1;
+    if (child >= n) return;
+    if (child + 1 < n && items.less(child, child + 1)) ++child;
+    if (!items.less(root, child)) return;
+    items.swap(root, child);
+    root = child;
+  }
+}
+
+template <typename Items>
+CPR_AP_HD void ap_heap_sort(Items& items, int64_t n) {
+  for (int64_t root = n / 2 - 1; root >= 0; --root) ap_sift_down(items, root, n);
+  for (int64_t end = n - 1; end > 0; --end) {
+    items.swap(0, end);
+    ap_sift_down(items, 0, end);
+  }
+}
+
 // ---- shared by both devices (point_ap_common.cpp) ----
 struct APMatchInputs {
   at::Tensor det_key, det_xy, det_block, gt_key, gt_xy, gt_wh, ignore;

@@ -187,11 +187,19 @@ std::vector<Pair> find_candidates(const APMatchInputs& in, double max_tau) {
   return out;
 }
 
+// Pairs for ap_heap_sort.
+struct PairItems {
+  Pair* pairs;
+  bool less(int64_t a, int64_t b) const { return pairs[a] < pairs[b]; }
+  void swap(int64_t a, int64_t b) { std::swap(pairs[a], pairs[b]); }
+};
+
 // Sorts the pairs [p0, p1) by (d2, det, gt), in place: insertion sort for the
-// few pairs of a typical block, std::sort beyond.
+// few pairs of a typical block, beyond that the heap sort of the CUDA kernel.
 void sort_pairs(Pair* p0, Pair* p1) {
   if (p1 - p0 > 32) {
-    std::sort(p0, p1);
+    PairItems items{p0};
+    ap_heap_sort(items, p1 - p0);
     return;
   }
   for (Pair* i = p0 + 1; i < p1; ++i) {

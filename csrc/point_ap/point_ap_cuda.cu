@@ -69,41 +69,30 @@ __global__ void candidates_kernel(const int64_t* det_key, const double* det_xy, 
   }
 }
 
-__device__ bool pair_less(const int64_t* det, const int64_t* gt, const double* d2, int64_t a,
-                          int64_t b) {
-  return ap_pair_before(d2[a], det[a], gt[a], d2[b], det[b], gt[b]);
-}
-
-__device__ void pair_swap(int64_t* det, int64_t* gt, double* d2, int64_t a, int64_t b) {
-  const int64_t t_det = det[a], t_gt = gt[a];
-  const double t_d2 = d2[a];
-  det[a] = det[b], gt[a] = gt[b], d2[a] = d2[b];
-  det[b] = t_det, gt[b] = t_gt, d2[b] = t_d2;
-}
-
-__device__ void sift_down(int64_t* det, int64_t* gt, double* d2, int64_t base, int64_t root,
-                          int64_t n) {
-  while (true) {
-    int64_t child = 2 * root + 1;
-    if (child >= n) return;
-    if (child + 1 < n && pair_less(det, gt, d2, base + child, base + child + 1)) ++child;
-    if (!pair_less(det, gt, d2, base + root, base + child)) return;
-    pair_swap(det, gt, d2, base + root, base + child);
-    root = child;
+// The pairs [base, base + n) of one block, for ap_heap_sort, by (d2, det, gt).
+struct BlockPairs {
+  int64_t* det;
+  int64_t* gt;
+  double* d2;
+  int64_t base;
+  __device__ bool less(int64_t a, int64_t b) const {
+    a += base, b += base;
+    return ap_pair_before(d2[a], det[a], gt[a], d2[b], det[b], gt[b]);
   }
-}
+  __device__ void swap(int64_t a, int64_t b) {
+    a += base, b += base;
+    const int64_t t_det = det[a], t_gt = gt[a];
+    const double t_d2 = d2[a];
+    det[a] = det[b], gt[a] = gt[b], d2[a] = d2[b];
+    det[b] = t_det, gt[b] = t_gt, d2[b] = t_d2;
+  }
+};
 
-// Heap sort of every block's pairs by (d2, det, gt): in place, no extra memory.
 __global__ void sort_blocks_kernel(const int64_t* block_start, const int64_t* offset,
                                    int64_t num_blocks, int64_t* det, int64_t* gt, double* d2) {
   CPR_GRID_STRIDE_LOOP(b, num_blocks) {
-    const int64_t base = offset[block_start[b]];
-    const int64_t n = offset[block_start[b + 1]] - base;
-    for (int64_t root = n / 2 - 1; root >= 0; --root) sift_down(det, gt, d2, base, root, n);
-    for (int64_t end = n - 1; end > 0; --end) {
-      pair_swap(det, gt, d2, base, base + end);
-      sift_down(det, gt, d2, base, 0, end);
-    }
+    BlockPairs items{det, gt, d2, offset[block_start[b]]};
+    ap_heap_sort(items, offset[block_start[b + 1]] - items.base);
   }
 }
 
