@@ -6,7 +6,9 @@
 // whose x lies within its +-max_tau box width, and keeps those within max_tau.
 // The reaches carry a relative slack of 1e-9, far above the float rounding, so
 // the search never misses a pair the exact test keeps; coordinates are clipped
-// to +-2^40 px for the search only (clipping never moves two points apart).
+// to +-2^40 px for the search only (clipping never moves two points apart), and
+// reaches are capped at 2^42 px. The same search as the numpy reference's,
+// without its x band narrowing: here measuring a pair is cheap.
 // Then the pairs of every tie block are sorted by (d2, det, gt), and each (tau,
 // size range) walks them once: a detection stops at its first free GT.
 #include <ATen/ATen.h>
