@@ -15,28 +15,17 @@ compiled / numpy (lower is better). Set OMP_NUM_THREADS=1 for single-core number
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_cpr_step import median_ms  # noqa: E402
 from bench_eval import make_data  # noqa: E402
 from bench_scale import SIDE, ap_case  # noqa: E402
 
 from cpr_d2.evaluation.point_ap import evaluate_point_ap  # noqa: E402
-
-
-def median_ms(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main(argv=None):
