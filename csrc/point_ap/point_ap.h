@@ -20,38 +20,25 @@
 
 #include <ATen/ATen.h>
 
-#include <cmath>
 #include <cstdint>
 #include <tuple>
 #include <vector>
 
-#if defined(__CUDACC__)
-#define CPR_AP_HD __host__ __device__ __forceinline__
-#else
-#define CPR_AP_HD inline
-#endif
+#include "point_ops/point_math.h"  // CPR_HD, mul_rn, add_rn
 
 namespace cpr_d2 {
 
 // d2 exactly as numpy computes it: each operation rounded on its own. No fused
-// multiply-add: device code uses the round-to-nearest intrinsics, and host code
-// is compiled with -ffp-contract=off.
-CPR_AP_HD double ap_pair_d2(double x, double y, double cx, double cy, double w, double h) {
-#if defined(__CUDA_ARCH__)
-  const double dx = __ddiv_rn(__dsub_rn(x, cx), w);
-  const double dy = __ddiv_rn(__dsub_rn(y, cy), h);
-  return __dadd_rn(__dmul_rn(dx, dx), __dmul_rn(dy, dy));
-#else
+// multiply-add: mul_rn / add_rn use the round-to-nearest intrinsics on the device,
+// and host code is compiled with -ffp-contract=off.
+CPR_HD double ap_pair_d2(double x, double y, double cx, double cy, double w, double h) {
   const double dx = (x - cx) / w;
   const double dy = (y - cy) / h;
-  const double dx2 = dx * dx;
-  const double dy2 = dy * dy;
-  return dx2 + dy2;
-#endif
+  return add_rn(mul_rn(dx, dx), mul_rn(dy, dy));
 }
 
 // (d2, det, gt) order of two pairs: the priority order inside one tie block.
-CPR_AP_HD bool ap_pair_before(double d2_a, int64_t det_a, int64_t gt_a, double d2_b,
+CPR_HD bool ap_pair_before(double d2_a, int64_t det_a, int64_t gt_a, double d2_b,
                               int64_t det_b, int64_t gt_b) {
   if (d2_a != d2_b) return d2_a < d2_b;
   if (det_a != det_b) return det_a < det_b;
@@ -64,7 +51,7 @@ CPR_AP_HD bool ap_pair_before(double d2_a, int64_t det_a, int64_t gt_a, double d
 // first acceptance; the pairs are sorted by d2, so every walk stops at tau.
 // `pairs` gives d2(p), det(p) and gt(p).
 template <typename Pairs>
-CPR_AP_HD void ap_walk_block(int64_t p0, int64_t p1, bool single, double tau2,
+CPR_HD void ap_walk_block(int64_t p0, int64_t p1, bool single, double tau2,
                              const Pairs& pairs, const bool* ignore, bool* gt_taken, bool* tp) {
   for (int64_t p = p0; p < p1; ++p) {
     if (pairs.d2(p) > tau2) return;
@@ -82,7 +69,7 @@ CPR_AP_HD void ap_walk_block(int64_t p0, int64_t p1, bool single, double tau2,
 // block in its own thread with it; the CPU kernel uses it for large blocks,
 // which tests it on the CPU.
 template <typename Items>
-CPR_AP_HD void ap_sift_down(Items& items, int64_t root, int64_t n) {
+CPR_HD void ap_sift_down(Items& items, int64_t root, int64_t n) {
   while (true) {
     int64_t child = 2 * root + 1;
     if (child >= n) return;
@@ -94,7 +81,7 @@ CPR_AP_HD void ap_sift_down(Items& items, int64_t root, int64_t n) {
 }
 
 template <typename Items>
-CPR_AP_HD void ap_heap_sort(Items& items, int64_t n) {
+CPR_HD void ap_heap_sort(Items& items, int64_t n) {
   for (int64_t root = n / 2 - 1; root >= 0; --root) ap_sift_down(items, root, n);
   for (int64_t end = n - 1; end > 0; --end) {
     items.swap(0, end);
@@ -106,7 +93,7 @@ CPR_AP_HD void ap_heap_sort(Items& items, int64_t n) {
 struct APMatchInputs {
   at::Tensor det_key, det_xy, det_block, gt_key, gt_xy, gt_wh, ignore;
   std::vector<double> taus;
-  double max_tau2;
+  double max_tau, max_tau2;  // max(taus) and its square
 };
 // Checks the arguments (shapes, dtypes, devices, sorted keys, consecutive blocks,
 // finite coordinates, positive sizes and taus) and returns them contiguous.

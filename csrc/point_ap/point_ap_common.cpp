@@ -46,14 +46,14 @@ APMatchInputs prepare_point_ap_match(const at::Tensor& det_key, const at::Tensor
   check_tensor(ignore, "ignore", at::kBool, 2, -1, num_gts, det_key);
   TORCH_CHECK(!taus.empty(), "point_ap_match: taus must not be empty");
   APMatchInputs in;
-  double max_tau = 0.0;
+  in.max_tau = 0.0;
   for (const double tau : taus) {
     TORCH_CHECK(std::isfinite(tau) && tau > 0, "point_ap_match: every tau must be finite and "
                 "positive, got ", tau);
-    max_tau = std::max(max_tau, tau);
+    in.max_tau = std::max(in.max_tau, tau);
     in.taus.push_back(tau);
   }
-  in.max_tau2 = max_tau * max_tau;
+  in.max_tau2 = in.max_tau * in.max_tau;
 
   TORCH_CHECK(all_true(det_xy.isfinite()), "point_ap_match: det_xy must be finite");
   TORCH_CHECK(all_true(gt_xy.isfinite()), "point_ap_match: gt_xy must be finite");

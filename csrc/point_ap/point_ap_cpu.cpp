@@ -73,7 +73,8 @@ int64_t first_at_least(const double* x, int64_t lo, int64_t hi, double v) {
 }
 
 // Every (det, gt) pair of equal key with d2 <= max_tau2, in no particular order.
-std::vector<Pair> find_candidates(const APMatchInputs& in, double max_tau) {
+std::vector<Pair> find_candidates(const APMatchInputs& in) {
+  const double max_tau = in.max_tau;
   const int64_t num_dets = in.det_key.size(0), num_gts = in.gt_key.size(0);
   const int64_t* det_key = in.det_key.data_ptr<int64_t>();
   const double* det_xy = in.det_xy.data_ptr<double>();
@@ -229,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> point_ap_match_cpu(
   at::Tensor tp = at::zeros({num_taus, num_ranges, num_dets}, in.det_key.options().dtype(at::kBool));
   at::Tensor ignore_d2 = at::full({num_ranges, num_dets}, std::numeric_limits<double>::infinity(),
                                   in.det_key.options().dtype(at::kDouble));
-  const std::vector<Pair> found = find_candidates(in, std::sqrt(in.max_tau2));
+  const std::vector<Pair> found = find_candidates(in);
   const int64_t num_pairs = static_cast<int64_t>(found.size());
   if (num_pairs == 0) return {tp, ignore_d2};
 

@@ -119,7 +119,7 @@ __global__ void walk_kernel(const int64_t* block_start, const int64_t* group_sta
     const bool* ignore_row = ignore + (w % num_ranges) * num_gts;
     for (int64_t b = group_start[k]; b < group_start[k + 1]; ++b) {
       ap_walk_block(offset[block_start[b]], offset[block_start[b + 1]],
-                    block_start[b + 1] - block_start[b] == 1, __dmul_rn(tau, tau), pairs,
+                    block_start[b + 1] - block_start[b] == 1, mul_rn(tau, tau), pairs,
                     ignore_row, gt_taken + w * num_gts, tp + w * num_dets);
     }
   }
