@@ -1,16 +1,28 @@
 import os
 
+import numpy as np
 import pytest
 import torch
+
+
+def _test_seed():
+    """A fresh seed, or CPR_D2_TEST_SEED; printed, so a failure can be replayed."""
+    seed = int(os.environ.get("CPR_D2_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"random seed: {seed} (replay with CPR_D2_TEST_SEED={seed})")
+    return seed
 
 
 @pytest.fixture
 def gen():
     """A torch.Generator with a fresh seed per test (printed, so a failure can be replayed
     with CPR_D2_TEST_SEED=<seed>)."""
-    seed = int(os.environ.get("CPR_D2_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"random seed: {seed} (replay with CPR_D2_TEST_SEED={seed})")
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(_test_seed())
+
+
+@pytest.fixture
+def np_rng():
+    """A numpy Generator with a fresh seed per test, printed like gen's."""
+    return np.random.default_rng(_test_seed())
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -3,8 +3,6 @@ matcher it replaces, bit for bit, on fresh random inputs: dense images, exact ta
 boundaries, tie blocks, huge and tiny coordinates and boxes, many strips and keys;
 its CUDA kernel against its CPU kernel; its argument checks; and the backends of
 evaluate_point_ap."""
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -16,12 +14,6 @@ from cpr_d2.layers import _ext
 from ..conftest import requires_cuda
 
 TAUS = (0.5, 1.0, 2.0)
-
-
-def fresh_rng():
-    seed = int(os.environ.get("CPR_D2_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"random seed: {seed} (replay with CPR_D2_TEST_SEED={seed})")
-    return np.random.default_rng(seed)
 
 
 def dense(rng):
@@ -139,12 +131,11 @@ def op_or_skip(device):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda f: f.__name__)
-def test_compiled_matcher_equals_numpy(layout):
+def test_compiled_matcher_equals_numpy(layout, np_rng):
     op = op_or_skip("cpu")
-    rng = fresh_rng()
     matched = 0
     for _ in range(10):
-        args = matcher_inputs(rng, layout)
+        args = matcher_inputs(np_rng, layout)
         want = _match_numpy(*args)
         matched += int(want[0].sum())
         assert_same(_match_compiled(op, "cpu", *args), want)
@@ -153,11 +144,10 @@ def test_compiled_matcher_equals_numpy(layout):
 
 @requires_cuda
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda f: f.__name__)
-def test_cuda_matcher_equals_cpu(layout):
+def test_cuda_matcher_equals_cpu(layout, np_rng):
     cpu, cuda = op_or_skip("cpu"), op_or_skip("cuda")
-    rng = fresh_rng()
     for _ in range(10):
-        args = matcher_inputs(rng, layout)
+        args = matcher_inputs(np_rng, layout)
         assert_same(_match_compiled(cuda, "cuda", *args), _match_compiled(cpu, "cpu", *args))
 
 
@@ -212,11 +202,10 @@ def dense_images(rng, num_images=3, num_classes=3):
 
 
 @pytest.mark.parametrize("size_ranges", ["coco", "tinyperson"])
-def test_evaluate_point_ap_backends_agree(size_ranges):
-    rng = fresh_rng()
+def test_evaluate_point_ap_backends_agree(size_ranges, np_rng):
     for _ in range(5):
-        gts, dets, num_classes = dense_images(rng)
-        kw = dict(size_ranges=size_ranges, max_dets=int(rng.choice([5, 1000])))
+        gts, dets, num_classes = dense_images(np_rng)
+        kw = dict(size_ranges=size_ranges, max_dets=int(np_rng.choice([5, 1000])))
         want = evaluate_point_ap(gts, dets, num_classes, backend="numpy", **kw)
         for backend in ("compiled", "auto"):
             got = evaluate_point_ap(gts, dets, num_classes, backend=backend, **kw)
@@ -224,10 +213,9 @@ def test_evaluate_point_ap_backends_agree(size_ranges):
             np.testing.assert_array_equal(got.num_positives, want.num_positives)
 
 
-def test_evaluate_point_ap_without_the_compiled_matcher(monkeypatch):
+def test_evaluate_point_ap_without_the_compiled_matcher(monkeypatch, np_rng):
     """"auto" falls back to numpy; "compiled" says how to get the kernel back."""
-    rng = fresh_rng()
-    gts, dets, num_classes = dense_images(rng)
+    gts, dets, num_classes = dense_images(np_rng)
     want = evaluate_point_ap(gts, dets, num_classes, backend="compiled")
     monkeypatch.setattr(_ext, "compiled_op", lambda name, tensor: None)
     calls = []
