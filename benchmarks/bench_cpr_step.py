@@ -10,6 +10,9 @@ in the same process:
   sampling = negative masks + fused bag gather, forward + backward
   losses   = (sampling + losses) - sampling
 Goal: head + sampling + losses <= 25% of the step.
+
+Then the whole step again with MODEL.CPR.ADAPTIVE enabled (same weights, same
+batch, same process), against the paper's step: goal <= 1.25x.
 """
 import argparse
 import statistics
@@ -80,11 +83,15 @@ def main():
         bag, valid = bag_gather(torch.cat([cls_map, ins_map], 1), points, batch_idx, sizes,
                                 model.radius, model.stride)
         bag_cls, bag_ins = bag.split(c, dim=2)
-        return model.losses(cls_map, bag_cls, bag_ins, valid, points, labels, counts, images.image_sizes)
+        return model.losses(cls_map, [(bag_cls, bag_ins, valid)], points, labels, counts,
+                            images.image_sizes)
+
+    def step(m):
+        m.zero_grad(set_to_none=True)
+        sum(m(batch).values()).backward()
 
     def full():
-        model.zero_grad(set_to_none=True)
-        sum(model(batch).values()).backward()
+        step(model)
 
     features = model.backbone(images.tensor)[model.in_feature].detach()
 
@@ -124,6 +131,19 @@ def main():
     print(f"{'whole step':32} {t_full:8.1f} {100.0:6.1f}%")
     cpr = t_head
     print(f"CPR head + sampling + losses: {100 * cpr / t_full:.1f}% of the step (goal <= 25%)")
+
+    adaptive_cfg = cfg.clone()
+    adaptive_cfg.MODEL.CPR.ADAPTIVE.ENABLED = True
+    adaptive = build_model(adaptive_cfg).train()
+    adaptive.load_state_dict(model.state_dict())
+    paper_ms, adaptive_ms = [], []
+    for _ in range(3):  # interleaved, so drift in the machine's speed hits both alike
+        paper_ms.append(median_ms(full, args.steps))
+        adaptive_ms.append(median_ms(lambda: step(adaptive), args.steps))
+    paper_t, adaptive_t = statistics.median(paper_ms), statistics.median(adaptive_ms)
+    a = adaptive_cfg.MODEL.CPR.ADAPTIVE
+    print(f"adaptive regions ({a.STAGES} stages, {a.RINGS} rings): {adaptive_t:.1f} ms vs the "
+          f"paper's {paper_t:.1f} ms per step: {adaptive_t / paper_t:.2f}x (goal <= 1.25x)")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
     python benchmarks/bench_point_ops.py [--device cpu|cuda|all] [--repeats N]
 
 Cases (see benchmarks/README.md):
-  coco:  features 2x256x50x84 at stride 8, 20 objects per image, R = 8, 80 classes
-  dense: features 1x256x160x160 at stride 4, 300 objects, R = 5, 1 class
+  coco:     features 2x256x50x84 at stride 8, 20 objects per image, R = 8, 80 classes
+  dense:    features 1x256x160x160 at stride 4, 300 objects, R = 5, 1 class
+  adaptive: coco with a sampling region per object (MODEL.CPR.ADAPTIVE): radii drawn
+            uniformly from 0.25 to 1.5 R * stride, the `region` argument of every op
 
 "step" is what one CPRNet training step asks of the ops: the negative mask of
 every image and the fused bag gather, forward and backward. Times are medians;
@@ -12,6 +14,7 @@ ratio = reference / compiled (higher is better). On CUDA, the achieved memory
 bandwidth of the fused gather is estimated from the bytes it must move.
 """
 import argparse
+import functools
 import statistics
 import time
 
@@ -24,6 +27,8 @@ CASES = {
                  classes=80),
     "dense": dict(batch=1, channels=256, height=160, width=160, stride=4, per_image=300,
                   radius=5, classes=1),
+    "adaptive": dict(batch=2, channels=256, height=50, width=84, stride=8, per_image=20,
+                     radius=8, classes=80, regions=True),
 }
 
 
@@ -37,7 +42,17 @@ def make_inputs(case, device, seed=0):
     batch_idx = torch.arange(b).repeat_interleave(case["per_image"])
     sizes = torch.tensor([[h * s, w * s]] * b)
     upstream = torch.randn(n, L.bag_size(case["radius"]), c, generator=g)
-    return [t.to(device) for t in (features, points, labels, batch_idx, sizes, upstream)]
+    region = None
+    if case.get("regions"):
+        region = (0.25 + 1.25 * torch.rand(n, generator=g)) * case["radius"] * s
+    return [None if t is None else t.to(device)
+            for t in (features, points, labels, batch_idx, sizes, upstream, region)]
+
+
+def with_region(op, region):
+    """`op` (bag_points, negative_mask, bag_gather or a reference) called with the per-object
+    regions, or as it is when there are none."""
+    return op if region is None else functools.partial(op, region=region)
 
 
 def timed(fn, device, repeats, warmup=2):
@@ -56,7 +71,7 @@ def timed(fn, device, repeats, warmup=2):
 
 
 def step_fn(bag_gather, negative_mask, case, inputs, channels_last=False):
-    features, points, labels, batch_idx, sizes, upstream = inputs
+    features, points, labels, batch_idx, sizes, upstream, region = inputs
     grid = (case["height"], case["width"])
     if channels_last:
         features = features.contiguous(memory_format=torch.channels_last)
@@ -65,9 +80,10 @@ def step_fn(bag_gather, negative_mask, case, inputs, channels_last=False):
         f = features.detach().requires_grad_(True)
         for b in range(case["batch"]):
             rows = batch_idx == b
-            negative_mask(points[rows], labels[rows], grid, case["stride"], case["radius"],
-                          case["classes"])
-        feats, _ = bag_gather(f, points, batch_idx, sizes, case["radius"], case["stride"])
+            with_region(negative_mask, None if region is None else region[rows])(
+                points[rows], labels[rows], grid, case["stride"], case["radius"], case["classes"])
+        feats, _ = with_region(bag_gather, region)(f, points, batch_idx, sizes, case["radius"],
+                                                   case["stride"])
         feats.backward(upstream)
         return f.grad
 
@@ -77,11 +93,13 @@ def step_fn(bag_gather, negative_mask, case, inputs, channels_last=False):
 def rows_for(case_name, device, repeats):
     case = CASES[case_name]
     inputs = make_inputs(case, device)
-    features, points, labels, batch_idx, sizes, upstream = inputs
+    features, points, labels, batch_idx, sizes, upstream, region = inputs
     r, s = case["radius"], case["stride"]
     grid = (case["height"], case["width"])
     first = batch_idx == 0
-    flat_points = L.bag_points(points, r, s, (grid[0] * s, grid[1] * s))[0].reshape(-1, 2)
+    first_region = None if region is None else region[first]
+    flat_points = L.bag_points(points, r, s, (grid[0] * s, grid[1] * s), region=region)[0]
+    flat_points = flat_points.reshape(-1, 2)
     flat_idx = batch_idx.repeat_interleave(L.bag_size(r))
     flat_up = upstream.reshape(-1, upstream.shape[-1])
 
@@ -92,16 +110,17 @@ def rows_for(case_name, device, repeats):
         return run
 
     ops = {
-        "bag_points": (lambda fn: lambda: fn(points, r, s, (grid[0] * s, grid[1] * s)),
-                       L.bag_points_reference, L.bag_points),
+        "bag_points": (lambda fn: lambda: with_region(fn, region)(
+            points, r, s, (grid[0] * s, grid[1] * s)), L.bag_points_reference, L.bag_points),
         "negative_mask (1 image)": (
-            lambda fn: lambda: fn(points[first], labels[first], grid, s, r, case["classes"]),
+            lambda fn: lambda: with_region(fn, first_region)(
+                points[first], labels[first], grid, s, r, case["classes"]),
             L.negative_mask_reference, L.negative_mask),
         "bilinear_gather fwd": (lambda fn: lambda: fn(features, flat_points, flat_idx, s),
                                 L.bilinear_gather_reference, L.bilinear_gather),
         "bilinear_gather fwd+bwd": (gather_fb, L.bilinear_gather_reference, L.bilinear_gather),
-        "bag_gather fwd": (lambda fn: lambda: fn(features, points, batch_idx, sizes, r, s),
-                           L.bag_gather_reference, L.bag_gather),
+        "bag_gather fwd": (lambda fn: lambda: with_region(fn, region)(
+            features, points, batch_idx, sizes, r, s), L.bag_gather_reference, L.bag_gather),
         "step: masks + bag_gather fwd+bwd": (
             False, (L.bag_gather_reference, L.negative_mask_reference),
             (L.bag_gather, L.negative_mask)),
@@ -120,8 +139,8 @@ def rows_for(case_name, device, repeats):
         t_ours = timed(our_fn, device, repeats)
         rows.append((case_name, device, name, t_ref * 1e3, t_ours * 1e3, t_ref / t_ours))
     if device == "cuda":
-        fwd = timed(lambda: L.bag_gather(features, points, batch_idx, sizes, r, s), device,
-                    repeats)
+        fwd = timed(lambda: with_region(L.bag_gather, region)(features, points, batch_idx, sizes,
+                                                              r, s), device, repeats)
         m, c = points.shape[0] * L.bag_size(r), case["channels"]
         moved = m * c * features.element_size() * (1 + 4)  # one write, four tap reads
         rows.append((case_name, device, "bag_gather fwd bandwidth (GB/s)", float("nan"),

@@ -99,6 +99,36 @@ def add_cpr_config(cfg):
     # Inference also returns each object's bag coordinates and scores (for
     # visualisation); off by default, it is N x (4R(R+1)+1) values per image.
     cfg.MODEL.CPR.RETURN_BAG_SCORES = False
+
+    # Size-adaptive sampling regions, a cascade in the manner of CPR++ (README, "Adaptive
+    # regions"). Off: the paper's CPR, unchanged. On: stage 1 is the paper's bag; the
+    # points the refinement rule keeps in the refinement bag give every object a size,
+    # sqrt((w + d)(h + d)) of their extent plus the sampling step d, and a radius
+    # r = clip(ALPHA * size / 2, MIN_RADIUS, min(MAX_RADIUS, NEIGHBOUR_FRACTION * NN)),
+    # NN = distance to the nearest other annotated point of the class. Each later stage
+    # samples RINGS rings r / RINGS apart around the previous stage's refined point,
+    # and re-estimates r from its own kept points. Training averages the MIL loss over
+    # the stages (the annotation loss stays on the annotated point) and keeps each
+    # object's own region (around its annotated and its refined point) out of the
+    # negatives; refinement takes the last stage's point, never further than its
+    # region from the annotated point.
+    cfg.MODEL.CPR.ADAPTIVE = CN()
+    cfg.MODEL.CPR.ADAPTIVE.ENABLED = False
+    # Stages in all, the paper's bag included (>= 2 when enabled).
+    cfg.MODEL.CPR.ADAPTIVE.STAGES = 2
+    # Rings of every later stage's bag (4K(K+1)+1 points whatever the object's size).
+    cfg.MODEL.CPR.ADAPTIVE.RINGS = 4
+    cfg.MODEL.CPR.ADAPTIVE.ALPHA = 1.0
+    # Bounds of the radius, in strides; MAX_RADIUS 0 = RADIUS (the paper's disc).
+    cfg.MODEL.CPR.ADAPTIVE.MIN_RADIUS = 0.5
+    cfg.MODEL.CPR.ADAPTIVE.MAX_RADIUS = 0.0
+    cfg.MODEL.CPR.ADAPTIVE.NEIGHBOUR_FRACTION = 0.5
+    # Weight of a regulariser that pulls each later stage's score mass together (the
+    # spread of the bag's MIL weights, in units of its region, loss_cpr_var); 0 = none.
+    cfg.MODEL.CPR.ADAPTIVE.VARIANCE_WEIGHT = 0.0
+    # Refinement moves a point at most this fraction of the distance to the nearest other
+    # annotated point of its class (and never beyond its region); 0 = the region only.
+    cfg.MODEL.CPR.ADAPTIVE.MOVE_NEIGHBOUR_FRACTION = 0.0
     return cfg
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Draw what CPRNet does to annotated points: arrows from each coarse point to its
-refined point over the bag-score heatmap, and, given several checkpoints, the
-trace of the refined points over training as an animated GIF.
+refined point over the bag-score heatmap (with adaptive regions, also each
+object's last sampling disc as a dashed circle), and, given several checkpoints,
+the trace of the refined points over training as an animated GIF.
 
     python tools/visualize_cpr.py --config-file configs/forest/cpr_R18_s8_r2.yaml \\
         --dataset forest --output output/forest/vis [--images 4] \\
@@ -47,6 +48,8 @@ def draw(image, metadata, inst, caption=None):
     vis = PointVisualizer(image, metadata, scale=2.0)
     if inst.has("bag_points"):
         vis.draw_bag_scores(inst.bag_points, inst.bag_scores)
+    if inst.has("regions"):  # adaptive CPRNet: why a small object moved little, or stayed
+        vis.draw_regions(inst.region_centres, inst.regions, inst.pred_classes)
     vis.draw_refinement(inst.coarse_points, inst.pred_points, inst.pred_classes)
     if caption:
         vis.draw_text(caption, (4, 4), color="white", horizontal_alignment="left")

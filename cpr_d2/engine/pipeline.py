@@ -79,6 +79,7 @@ def training_points_rows(coarse, refined):
             "rsv_coarse": a.rsv, "rsv_refined": b.rsv, "rsv_change_%": _pct(b.rsv, a.rsv),
             "dist_coarse": a.mean_distance, "dist_refined": b.mean_distance,
             "dist_change_%": _pct(b.mean_distance, a.mean_distance),
+            "worse_%": comparison.worse[name],
         })
     return rows
 

@@ -14,7 +14,7 @@ from detectron2.structures import BoxMode
 from tabulate import tabulate
 
 from .evaluator import gather_per_image
-from .semantic_variance import DEFAULT_SIZE_RANGES, semantic_variance_by_range
+from .semantic_variance import DEFAULT_SIZE_RANGES, semantic_variance_by_range, worse_by_range
 
 __all__ = ["CPREvaluator"]
 
@@ -24,8 +24,9 @@ logger = logging.getLogger(__name__)
 class CPREvaluator(DatasetEvaluator):
     """Collects CPRNet's refined points; evaluate() returns {"cpr": {...}} with
     rsv_coarse, rsv_refined, rsv_change_% (negative = less variance), dist_coarse,
-    dist_refined, dist_change_%, refined_% (objects moved), per size range as
-    "<metric>/<range>"."""
+    dist_refined, dist_change_%, worse_% (objects whose refined point is further from
+    the true centre, by more than 5% of their size), per size range as
+    "<metric>/<range>", and refined_% (objects moved)."""
 
     def __init__(self, dataset_name, distributed=True, size_ranges=DEFAULT_SIZE_RANGES):
         self._dataset_name = dataset_name
@@ -81,6 +82,7 @@ class CPREvaluator(DatasetEvaluator):
         boxes, labels = np.array(boxes, dtype=np.float64), np.array(labels)
         before = semantic_variance_by_range(np.array(coarse), boxes, labels, self._size_ranges)
         after = semantic_variance_by_range(np.array(refined), boxes, labels, self._size_ranges)
+        worse = worse_by_range(np.array(coarse), np.array(refined), boxes, self._size_ranges)
         results = OrderedDict()
         table = []
         for name, _, _ in self._size_ranges:
@@ -93,12 +95,14 @@ class CPREvaluator(DatasetEvaluator):
             results[f"dist_refined{suffix}"] = a.mean_distance
             results[f"dist_change_%{suffix}"] = (100 * (a.mean_distance - b.mean_distance)
                                                  / b.mean_distance if b.mean_distance else float("nan"))
+            results[f"worse_%{suffix}"] = worse[name]
             table.append([name, b.objects, f"{b.rsv:.4f}", f"{a.rsv:.4f}",
                           f"{results[f'rsv_change_%{suffix}']:+.1f}%", f"{b.mean_distance:.4f}",
-                          f"{a.mean_distance:.4f}", f"{results[f'dist_change_%{suffix}']:+.1f}%"])
+                          f"{a.mean_distance:.4f}", f"{results[f'dist_change_%{suffix}']:+.1f}%",
+                          f"{worse[name]:.1f}%"])
         results["refined_%"] = 100 * float(np.mean(moved))
         logger.info("Semantic variance of %s, coarse -> refined (%.1f%% of objects moved):\n%s",
                     self._dataset_name, results["refined_%"], tabulate(
                         table, headers=["range", "objects", "RSV coarse", "RSV refined", "change",
-                                        "dist coarse", "dist refined", "change"]))
+                                        "dist coarse", "dist refined", "change", "worse"]))
         return {"cpr": results}

@@ -78,6 +78,25 @@ def check_index(index, length, upper, name, what):
             raise ValueError(f"cpr_d2: {name} values must lie in [0, {upper}), got [{lo}, {hi}]")
 
 
+def check_region(region, num_points, device):
+    """None, or a (num_points,) floating tensor of finite per-object radii >= 0 (pixels)."""
+    if region is None:
+        return
+    check_tensor(region, "region")
+    if region.dim() != 1 or region.shape[0] != num_points:
+        raise ValueError(
+            f"cpr_d2: region must have shape ({num_points},), one radius in pixels per point, "
+            f"got {tuple(region.shape)}"
+        )
+    if not region.is_floating_point():
+        raise TypeError(f"cpr_d2: region must be a floating tensor, got {region.dtype}")
+    if region.device != device:
+        raise ValueError(f"cpr_d2: region is on {region.device} but the points are on {device}")
+    if num_points and not bool(torch.isfinite(region).all() & (region >= 0).all()):
+        bad = region[~(torch.isfinite(region) & (region >= 0))][0].item()
+        raise ValueError(f"cpr_d2: region radii must be finite and >= 0 pixels, got {bad}")
+
+
 def check_image_sizes(image_sizes, batch_size):
     check_tensor(image_sizes, "image_sizes")
     if image_sizes.shape != (batch_size, 2):

@@ -3,7 +3,9 @@
 Cell (i, j) at stride s has its centre at ((j + 0.5) s, (i + 0.5) s). It is a
 negative for class c when its centre lies at distance >= R*s from every
 annotated point of class c (so a class absent from the image makes every
-cell a negative for it). Distances are computed in float64.
+cell a negative for it). Distances are computed in float64. With `region`
+(N,), point j keeps the cells closer than region[j] pixels (its own sampling
+region) instead of R*s.
 """
 import torch
 
@@ -13,7 +15,7 @@ from ._ext import compiled_op
 __all__ = ["negative_mask", "negative_mask_reference"]
 
 
-def _check_args(points, labels, grid_size, stride, radius, num_classes):
+def _check_args(points, labels, grid_size, stride, radius, num_classes, region):
     _checks.check_points(points)
     _checks.check_size(grid_size, "grid_size (height, width)")
     _checks.check_stride(stride)
@@ -22,11 +24,12 @@ def _check_args(points, labels, grid_size, stride, radius, num_classes):
         raise ValueError(f"cpr_d2: num_classes must be an int >= 0, got {num_classes!r}")
     _checks.check_same_device(points=points, labels=labels)
     _checks.check_index(labels, points.shape[0], num_classes, "labels", "class index")
+    _checks.check_region(region, points.shape[0], points.device)
 
 
-def negative_mask_reference(points, labels, grid_size, stride, radius, num_classes):
+def negative_mask_reference(points, labels, grid_size, stride, radius, num_classes, region=None):
     """PyTorch reference of :func:`negative_mask` (O(H*W*N) memory)."""
-    _check_args(points, labels, grid_size, stride, radius, num_classes)
+    _check_args(points, labels, grid_size, stride, radius, num_classes, region)
     height, width = grid_size
     device = points.device
     if points.shape[0] == 0:
@@ -37,13 +40,13 @@ def negative_mask_reference(points, labels, grid_size, stride, radius, num_class
     cy, cx = (g.reshape(-1) for g in torch.meshgrid(ys, xs, indexing="ij"))
     dx = cx[:, None] - pts[None, :, 0]
     dy = cy[:, None] - pts[None, :, 1]
-    r = radius * stride
+    r = radius * stride if region is None else region.double()
     near = (dx * dx + dy * dy) < r * r  # (H*W, N)
     onehot = torch.nn.functional.one_hot(labels, num_classes).to(torch.float64)
     return (near.to(torch.float64) @ onehot) == 0
 
 
-def negative_mask(points, labels, grid_size, stride, radius, num_classes):
+def negative_mask(points, labels, grid_size, stride, radius, num_classes, region=None):
     """(H*W, C) bool: True where cell (i, j) (row-major) is a negative for class c.
 
     Args:
@@ -54,10 +57,13 @@ def negative_mask(points, labels, grid_size, stride, radius, num_classes):
         radius: R; cells closer than R*s pixels to a point of class c are not
             negatives for c.
         num_classes: C.
+        region: optional (N,) float tensor of per-point radii in pixels (finite, >= 0),
+            used instead of R*s; `radius` is then unused.
     """
-    _check_args(points, labels, grid_size, stride, radius, num_classes)
+    _check_args(points, labels, grid_size, stride, radius, num_classes, region)
     op = compiled_op("negative_mask", points)
     if op is None:
-        return negative_mask_reference(points, labels, grid_size, stride, radius, num_classes)
+        return negative_mask_reference(points, labels, grid_size, stride, radius, num_classes,
+                                       region)
     return op(points, labels, int(grid_size[0]), int(grid_size[1]), float(stride), int(radius),
-              int(num_classes))
+              int(num_classes), region)

@@ -10,6 +10,10 @@ applied as 1x1 convolutions to the tower's output *before* sampling. Bilinear
 sampling is linear and its weights sum to one, so this equals sampling the
 tower's features and then applying the linear layers, while the op gathers
 2C channels per bag point instead of the tower's 256.
+
+With MODEL.CPR.ADAPTIVE enabled, a cascade gives every object its own sampling
+region (cpr_refine.py): stage 1 is the paper's bag, each later stage samples a
+disc sized from the previous stage's kept points around its refined point.
 """
 import math
 
@@ -25,7 +29,9 @@ from cpr_d2.layers import (bag_coordinates, bag_gather, bilinear_gather, inside_
                            negative_mask)
 
 from .backbone import normalized_images, single_level_feature_name
-from .cpr_losses import annotation_loss, mil_loss, negative_loss, refine_points
+from .cpr_losses import annotation_loss, mil_loss, negative_loss, score_variance_loss
+from .cpr_refine import (kept_size, limit_move, nearest_neighbour_distance, refine_keep,
+                         refine_points, region_radius, weighted_centroid)
 
 __all__ = ["CPRHead", "CPRNet"]
 
@@ -81,14 +87,17 @@ class CPRNet(nn.Module):
     scores (mean kept bag score, 0 when none), pred_classes, coarse_points,
     num_kept, refined (bool: False where the annotated point stayed) and
     gt_ann_index; with return_bag_scores also bag_points (N, P, 2) and
-    bag_scores (N, P).
+    bag_scores (N, P) (the last stage's bag); with adaptive regions also
+    regions (N,) and region_centres (N, 2), each object's last sampling disc.
     """
 
     @configurable
     def __init__(self, *, backbone, head, in_feature, stride, num_classes, radius,
                  focal_gamma=2.0, mil_weight=0.25, ann_weight=0.125, neg_weight=0.75,
                  refine_score_thresh=0.1, refine_relative_thresh=0.5, refine_ring_step=1.0,
-                 return_bag_scores=False, pixel_mean, pixel_std):
+                 return_bag_scores=False, adaptive=None, pixel_mean, pixel_std):
+        """adaptive: None (the paper's CPR) or a dict with stages, rings, alpha, min_radius
+        and max_radius (pixels) and neighbour_fraction (see MODEL.CPR.ADAPTIVE)."""
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -108,6 +117,7 @@ class CPRNet(nn.Module):
         self.refine_rings = int(round(rings))
         self.refine_ring_spacing = self.stride * refine_ring_step
         self.return_bag_scores = return_bag_scores
+        self.adaptive = _check_adaptive(adaptive)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -133,6 +143,7 @@ class CPRNet(nn.Module):
             "refine_relative_thresh": c.REFINE_RELATIVE_THRESH,
             "refine_ring_step": c.REFINE_RING_STEP,
             "return_bag_scores": c.RETURN_BAG_SCORES,
+            "adaptive": _adaptive_from_config(c, shape.stride),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
@@ -170,11 +181,31 @@ class CPRNet(nn.Module):
         image_sizes = torch.tensor(images.image_sizes, dtype=torch.int64, device=self.device)
         if self.training:
             # One gather serves both outputs: (N, P, 2C).
-            bag, valid = bag_gather(torch.cat([cls_map, ins_map], dim=1), points, batch_idx,
-                                    image_sizes, self.radius, self.stride)
-            bag_cls, bag_ins = bag.split(self.num_classes, dim=2)
-            return self.losses(cls_map, bag_cls, bag_ins, valid, points, labels, counts,
-                               images.image_sizes)
+            maps = torch.cat([cls_map, ins_map], dim=1)
+            bag, valid = bag_gather(maps, points, batch_idx, image_sizes, self.radius, self.stride)
+            bags = [(*bag.split(self.num_classes, dim=2), valid)]
+            keep_out, stages = None, []
+            if self.adaptive is not None:
+                with torch.no_grad():
+                    stages = self.cascade(cls_map.detach(), points, labels, counts, batch_idx,
+                                          image_sizes)[1:]
+                for stage in stages:
+                    bag, valid = bag_gather(maps, stage["centre"], batch_idx, image_sizes,
+                                            self.adaptive["rings"], self.stride, stage["region"])
+                    bags.append((*bag.split(self.num_classes, dim=2), valid))
+                keep_out = (stages[-1]["centre"], stages[-1]["region"])
+            losses = self.losses(cls_map, bags, points, labels, counts, images.image_sizes,
+                                 keep_out)
+            weight = self.adaptive["variance_weight"] if self.adaptive is not None else 0.0
+            if weight > 0:
+                var = sum(score_variance_loss(c, i, v, stage["coords"], labels, stage["region"])
+                          for (c, i, v), stage in zip(bags[1:], stages)) / len(stages)
+                losses["loss_cpr_var"] = weight * var * (len(labels) / self._normaliser(cls_map,
+                                                                                          labels))
+            return losses
+        if self.adaptive is not None:
+            return self.refine_adaptive(batched_inputs, images.image_sizes, cls_map, points,
+                                        labels, counts, batch_idx, image_sizes, targets)
         if self.refine_rings == self.radius:
             bag_cls, valid = bag_gather(cls_map, points, batch_idx, image_sizes, self.radius,
                                         self.stride)
@@ -188,41 +219,88 @@ class CPRNet(nn.Module):
         """The refinement bag when MODEL.CPR.REFINE_RING_STEP < 1: the same disc of radius
         R * stride, sampled by rings every REFINE_RING_STEP * stride pixels."""
         coords = bag_coordinates(points, self.refine_rings, self.refine_ring_spacing)
+        return (coords, *self._read_bag(cls_map, coords, batch_idx, image_sizes))
+
+    def _read_bag(self, cls_map, coords, batch_idx, image_sizes):
+        """Class logits (N, P, C) and validity (N, P) of bag coordinates (N, P, 2)."""
         n, p, _ = coords.shape
         sizes = image_sizes[batch_idx].to(coords.dtype)  # (N, 2) = (height, width)
         valid = inside_image(coords, sizes[:, None, 0], sizes[:, None, 1])
         logits = bilinear_gather(cls_map, coords.reshape(-1, 2), batch_idx.repeat_interleave(p),
                                  self.stride)
-        return coords, logits.reshape(n, p, cls_map.shape[1]), valid
+        return logits.reshape(n, p, cls_map.shape[1]), valid
 
-    def _negative_logits(self, cls_map, points, labels, counts, image_sizes):
-        """Class logits of every negative (cell, class) pair of the batch, 1-D."""
+    def cascade(self, cls_map, points, labels, counts, batch_idx, image_sizes):
+        """The adaptive stages on class logits `cls_map`, a list of dicts, one per stage:
+        centre (N, 2) and region (N,) of its bag (stage 1: the annotated points and None,
+        its bag the refinement bag), coords (N, P, 2), prob (N, P), keep (N, P), and the
+        refinement rule's point, score, num_kept and moved (weighted_centroid)."""
+        a = self.adaptive
+        neighbour = torch.cat([nearest_neighbour_distance(p, l) for p, l in
+                               zip(points.split(counts), labels.split(counts))])
+        coords, logits, valid = self._refine_bag(cls_map, points, batch_idx, image_sizes)
+        step = self.refine_ring_spacing
+        centre, region, ann_prob = points, None, None
+        stages = []
+        for k in range(a["stages"]):
+            if k:
+                coords = bag_coordinates(centre, a["rings"], self.stride, region)
+                logits, valid = self._read_bag(cls_map, coords, batch_idx, image_sizes)
+                step = region / a["rings"]
+            keep, prob = _per_image(
+                lambda c, v, p, pt, lab, ap: refine_keep(c, v, p, pt, lab, self.refine_score_thresh,
+                                                         self.refine_relative_thresh, ap),
+                counts, coords, valid, logits.sigmoid(), points, labels,
+                None if ann_prob is None else ann_prob)
+            if ann_prob is None:  # p(a_j): stage 1's bag ends with the annotated point
+                ann_prob = prob[:, -1]
+            point, score, num_kept, moved = weighted_centroid(coords, prob, keep, centre,
+                                                              self.refine_score_thresh)
+            stages.append({"centre": centre, "region": region, "coords": coords, "prob": prob,
+                           "keep": keep, "point": point, "score": score, "num_kept": num_kept,
+                           "moved": moved, "neighbour": neighbour})
+            size = kept_size(coords.double(), keep, step)
+            region = region_radius(size, moved, neighbour.double(), a["alpha"], a["min_radius"],
+                                   a["max_radius"], a["neighbour_fraction"]).to(points.dtype)
+            centre = point
+        return stages
+
+    def _negative_logits(self, cls_map, points, labels, counts, image_sizes, keep_out=None):
+        """Class logits of every negative (cell, class) pair of the batch, 1-D. keep_out:
+        None (cells within R * stride of a point are not negatives), or (centres (N, 2),
+        radii (N,)): object j keeps the cells within radii[j] of its annotated point and
+        of centres[j] out of the negatives."""
         _, num_classes, height, width = cls_map.shape
         selected = []
         for b, (pts, lab) in enumerate(zip(points.split(counts), labels.split(counts))):
             with torch.no_grad():
-                mask = negative_mask(pts, lab, (height, width), self.stride, self.radius, num_classes)
+                region = None
+                if keep_out is not None:
+                    centres, radii = (t.split(counts)[b] for t in keep_out)
+                    pts, lab = torch.cat([pts, centres.to(pts.dtype)]), torch.cat([lab, lab])
+                    region = torch.cat([radii, radii])
+                mask = negative_mask(pts, lab, (height, width), self.stride, self.radius, num_classes,
+                                     region)
                 mask &= _cell_centres_inside(height, width, self.stride, image_sizes[b],
                                              cls_map.device)[:, None]
             logits = cls_map[b].permute(1, 2, 0).reshape(-1, num_classes)
             selected.append(logits[mask])
         return torch.cat(selected)
 
-    def losses(self, cls_map, bag_cls, bag_ins, valid, points, labels, counts, image_sizes):
+    def losses(self, cls_map, bags, points, labels, counts, image_sizes, keep_out=None):
+        """bags: per stage (bag_cls, bag_ins, valid), the first the paper's bag around the
+        annotated points; keep_out: see _negative_logits."""
         gamma = self.focal_gamma
-        neg_logits = self._negative_logits(cls_map, points, labels, counts, image_sizes)
+        neg_logits = self._negative_logits(cls_map, points, labels, counts, image_sizes, keep_out)
         # The losses are means over objects. In distributed training each process divides
         # by the objects of all processes (their per-process average), so N processes
         # optimise the loss of one process holding the whole batch.
-        num_objects = torch.tensor([float(len(labels))], device=cls_map.device)
-        if comm.get_world_size() > 1:
-            torch.distributed.all_reduce(num_objects)
-            num_objects /= comm.get_world_size()
-        normaliser = max(float(num_objects), 1.0)
+        normaliser = self._normaliser(cls_map, labels)
         scale = len(labels) / normaliser
+        mil = sum(mil_loss(c, i, v, labels, gamma) for c, i, v in bags) / len(bags)
         losses = {
-            "loss_cpr_mil": mil_loss(bag_cls, bag_ins, valid, labels, gamma) * scale,
-            "loss_cpr_ann": annotation_loss(bag_cls[:, -1], labels, gamma) * scale,
+            "loss_cpr_mil": mil * scale,
+            "loss_cpr_ann": annotation_loss(bags[0][0][:, -1], labels, gamma) * scale,
             # negative_loss divides by its integer count: pass 1 and divide here.
             "loss_cpr_neg": negative_loss(neg_logits, 1, gamma) / normaliser,
         }
@@ -230,33 +308,125 @@ class CPRNet(nn.Module):
         anchor = cls_map.sum() * 0
         return {k: self.loss_weights[k.rsplit("_", 1)[-1]] * v + anchor for k, v in losses.items()}
 
+    @staticmethod
+    def _normaliser(cls_map, labels):
+        """The number of objects per process, averaged over the processes (at least 1)."""
+        num_objects = torch.tensor([float(len(labels))], device=cls_map.device)
+        if comm.get_world_size() > 1:
+            torch.distributed.all_reduce(num_objects)
+            num_objects /= comm.get_world_size()
+        return max(float(num_objects), 1.0)
+
     @torch.no_grad()
     def refine(self, batched_inputs, image_sizes, bag_coords, bag_cls, valid, points, labels,
                counts, targets):
         bag_prob = bag_cls.sigmoid()
+        refined = _per_image(
+            lambda c, v, p, pt, lab: refine_points(c, v, p, pt, lab, self.refine_score_thresh,
+                                                   self.refine_relative_thresh),
+            counts, bag_coords, valid, bag_prob, points, labels)
+        scores = bag_prob.gather(2, labels.view(-1, 1, 1).expand(-1, bag_coords.shape[1], 1))
+        return self._results(batched_inputs, image_sizes, points, labels, counts, targets,
+                             *refined, bag_coords, scores.squeeze(2))
+
+    @torch.no_grad()
+    def refine_adaptive(self, batched_inputs, image_sizes, cls_map, points, labels, counts,
+                        batch_idx, padded_sizes, targets):
+        """Refinement with adaptive regions: the last stage's point, moved back towards the
+        annotated point where it would end further than its region."""
+        stages = self.cascade(cls_map, points, labels, counts, batch_idx, padded_sizes)
+        last = stages[-1]
+        trust = last["region"]
+        fraction = self.adaptive["move_neighbour_fraction"]
+        if fraction > 0:
+            trust = torch.minimum(trust, fraction * stages[0]["neighbour"])
+        refined = limit_move(last["point"], points, trust)
+        moved = (refined != points).any(dim=1)
+        return self._results(batched_inputs, image_sizes, points, labels, counts, targets,
+                             refined, last["score"], last["num_kept"], moved, last["coords"],
+                             last["prob"], regions=(last["centre"], last["region"]))
+
+    def _results(self, batched_inputs, image_sizes, points, labels, counts, targets, refined,
+                 score, num_kept, moved, bag_coords, bag_scores, regions=None):
+        """regions: None, or (centres (N, 2), radii (N,)) of the adaptive sampling discs."""
+        """Per image {"instances": ...} in the original image's pixels (class doc)."""
         results = []
         start = 0
         for b, (inp, n) in enumerate(zip(batched_inputs, counts)):
             rows = slice(start, start + n)
             start += n
-            refined, score, num_kept, refined_mask = refine_points(
-                bag_coords[rows], valid[rows], bag_prob[rows], points[rows], labels[rows],
-                self.refine_score_thresh, self.refine_relative_thresh)
             height, width = image_sizes[b]
             out_h, out_w = inp.get("height", height), inp.get("width", width)
             scale = points.new_tensor([out_w / width, out_h / height])
             inst = Instances((out_h, out_w))
-            inst.pred_points = refined * scale
+            inst.pred_points = refined[rows] * scale
             inst.coarse_points = points[rows] * scale
-            inst.scores = score
+            inst.scores = score[rows]
             inst.pred_classes = labels[rows]
-            inst.num_kept = num_kept
-            inst.refined = refined_mask
+            inst.num_kept = num_kept[rows]
+            inst.refined = moved[rows]
+            if regions is not None:
+                inst.region_centres = regions[0][rows] * scale
+                # A radius in original pixels: the mean of the two axes' scales.
+                inst.regions = regions[1][rows] * scale.mean()
             inst.gt_ann_index = targets[b].gt_ann_index if targets[b].has("gt_ann_index") else \
                 torch.arange(n, device=points.device)
             if self.return_bag_scores:
                 inst.bag_points = bag_coords[rows] * scale
-                inst.bag_scores = bag_prob[rows].gather(
-                    2, labels[rows].view(-1, 1, 1).expand(-1, bag_coords.shape[1], 1)).squeeze(2)
+                inst.bag_scores = bag_scores[rows]
             results.append({"instances": inst})
         return results
+
+
+def _per_image(fn, counts, *tensors):
+    """fn applied to each image's rows of `tensors` (split by `counts`; None passes
+    through), its outputs concatenated back over the batch."""
+    outs = []
+    start = 0
+    for n in counts:
+        rows = slice(start, start + n)
+        start += n
+        outs.append(fn(*(None if t is None else t[rows] for t in tensors)))
+    return tuple(torch.cat(parts) for parts in zip(*outs))
+
+
+def _check_adaptive(adaptive):
+    if adaptive is None:
+        return None
+    a = dict(adaptive)
+    problems = []
+    if not (isinstance(a.get("stages"), int) and a["stages"] >= 2):
+        problems.append(f"STAGES must be an int >= 2 (the paper's bag and at least one more), "
+                        f"got {a.get('stages')!r}")
+    if not (isinstance(a.get("rings"), int) and 1 <= a["rings"] <= 64):
+        problems.append(f"RINGS must be an int in [1, 64], got {a.get('rings')!r}")
+    if not a.get("alpha", 0) > 0:
+        problems.append(f"ALPHA must be > 0, got {a.get('alpha')!r}")
+    if not 0 <= a.get("min_radius", -1) <= a.get("max_radius", -1):
+        problems.append(f"0 <= MIN_RADIUS <= MAX_RADIUS (in strides) must hold, got "
+                        f"{a.get('min_radius')!r} and {a.get('max_radius')!r} pixels")
+    a.setdefault("variance_weight", 0.0)
+    a.setdefault("move_neighbour_fraction", 0.0)
+    if not a["move_neighbour_fraction"] >= 0:
+        problems.append("MOVE_NEIGHBOUR_FRACTION must be >= 0, got "
+                        f"{a['move_neighbour_fraction']!r}")
+    if not a["variance_weight"] >= 0:
+        problems.append(f"VARIANCE_WEIGHT must be >= 0, got {a['variance_weight']!r}")
+    if not a.get("neighbour_fraction", 0) > 0:
+        problems.append(f"NEIGHBOUR_FRACTION must be > 0, got {a.get('neighbour_fraction')!r}")
+    if problems:
+        raise ValueError("MODEL.CPR.ADAPTIVE: " + "; ".join(problems))
+    return a
+
+
+def _adaptive_from_config(c, stride):
+    """The `adaptive` argument of CPRNet from MODEL.CPR (None when ADAPTIVE is off)."""
+    a = c.ADAPTIVE
+    if not a.ENABLED:
+        return None
+    return {"stages": a.STAGES, "rings": a.RINGS, "alpha": float(a.ALPHA),
+            "min_radius": float(a.MIN_RADIUS) * stride,
+            "max_radius": float(a.MAX_RADIUS or c.RADIUS) * stride,
+            "neighbour_fraction": float(a.NEIGHBOUR_FRACTION),
+            "variance_weight": float(a.VARIANCE_WEIGHT),
+            "move_neighbour_fraction": float(a.MOVE_NEIGHBOUR_FRACTION)}

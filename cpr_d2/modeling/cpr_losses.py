@@ -1,4 +1,4 @@
-"""CPRNet's losses and its refinement rule, as functions of plain tensors.
+"""CPRNet's losses, as functions of plain tensors (the refinement rule is in cpr_refine.py).
 
 Notation (README, "CPRNet"): an object j has a class y_j and an annotated
 point a_j; its bag holds P = 4R(R+1)+1 points (the rings, then a_j itself,
@@ -14,7 +14,7 @@ __all__ = [
     "mil_loss",
     "annotation_loss",
     "negative_loss",
-    "refine_points",
+    "score_variance_loss",
 ]
 
 
@@ -70,62 +70,23 @@ def negative_loss(neg_logits, num_objects, gamma):
     return loss / max(int(num_objects), 1)
 
 
-def _nearest_is_own(bag_coords, points, labels, chunk_elems=1 << 22):
-    """(N, P) bool: for each bag point of object j, a_j is (one of) the nearest annotated
-    points of object j's class. Computed per class, in chunks, to bound memory."""
-    n, p, _ = bag_coords.shape
-    own = torch.ones(n, p, dtype=torch.bool, device=bag_coords.device)
-    for c in labels.unique():
-        members = (labels == c).nonzero().squeeze(1)
-        if len(members) < 2:
-            continue
-        anchors = points[members].to(bag_coords.dtype)  # (M, 2)
-        step = max(1, chunk_elems // (p * len(members)))
-        for start in range(0, len(members), step):
-            rows = members[start:start + step]
-            d2 = ((bag_coords[rows][:, :, None, :] - anchors[None, None]) ** 2).sum(-1)  # (r, P, M)
-            mine = d2.gather(2, (torch.arange(start, start + len(rows), device=d2.device))
-                             .view(-1, 1, 1).expand(-1, p, 1)).squeeze(2)
-            own[rows] = mine <= d2.min(dim=2).values
-    return own
+def score_variance_loss(bag_cls, bag_ins, valid, coords, labels, radius):
+    """Mean over objects of the spread of a bag's score mass, in units of its region:
+    sum_i q_i |x_i - sum_k q_k x_k|^2 / r_j^2, with q_i proportional to
+    sigmoid(O_cls[i, y_j]) * softmax_i(O_ins[i, y_j]) over the bag's valid points.
 
-
-def refine_points(bag_coords, bag_valid, bag_prob, points, labels, score_thresh=0.1,
-                  relative_thresh=0.5):
-    """CPR's refinement of one image's annotated points (README, "Refinement").
-
-    Bag point i of object j (class c, score p_i = bag_prob[j, i, c]) is kept when
-    it is on the image, a_j is its nearest annotated point of class c, c is its
-    top-scoring class, p_i > score_thresh and p_i > relative_thresh * p(a_j).
-    The refined point is the p-weighted mean of the kept points and its score
-    their mean p; with nothing kept, or a mean below score_thresh, the
-    annotated point stays.
-
-    Args:
-        bag_coords: (N, P, 2) bag coordinates (annotated point last).
-        bag_valid: (N, P) bool, on the image.
-        bag_prob: (N, P, C) class probabilities (sigmoid of O_cls).
-        points: (N, 2) annotated points; labels: (N,) int64 classes.
-
-    Returns:
-        refined (N, 2), score (N,) (0 where nothing is kept), num_kept (N,) int64,
-        and refined_mask (N,) bool (False where the annotated point stayed).
+    bag_cls, bag_ins: (N, P, C) logits; valid: (N, P) bool; coords: (N, P, 2) bag
+    coordinates; labels: (N,) int64; radius: (N,) region radii in pixels.
     """
-    n = points.shape[0]
-    if n == 0:
-        empty = points.new_zeros(0)
-        return points.clone(), empty, empty.long(), empty.bool()
-    prob = bag_prob.gather(2, labels.view(-1, 1, 1).expand(-1, bag_prob.shape[1], 1)).squeeze(2)
-    keep = bag_valid.clone()
-    keep &= _nearest_is_own(bag_coords, points, labels)
-    keep &= bag_prob.argmax(dim=2) == labels[:, None]
-    keep &= prob > score_thresh
-    keep &= prob > relative_thresh * prob[:, -1:]
-    weights = prob * keep
-    num_kept = keep.sum(dim=1)
-    total = weights.sum(dim=1)
-    score = total / num_kept.clamp(min=1)
-    centroid = (weights[..., None] * bag_coords).sum(dim=1) / total.clamp(min=1e-12)[:, None]
-    refined_mask = (num_kept > 0) & (score >= score_thresh)
-    refined = torch.where(refined_mask[:, None], centroid.to(points.dtype), points)
-    return refined, score, num_kept, refined_mask
+    if bag_cls.shape[0] == 0:
+        return bag_cls.sum() * 0 + bag_ins.sum() * 0
+    index = labels.view(-1, 1, 1).expand(-1, bag_cls.shape[1], 1)
+    valid = valid.clone()
+    valid[:, -1] = True
+    ins = bag_ins.gather(2, index).squeeze(2).masked_fill(~valid, float("-inf"))
+    mass = bag_cls.gather(2, index).squeeze(2).sigmoid() * ins.softmax(dim=1)
+    q = mass / mass.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    coords = coords.to(q.dtype)
+    mean = (q[..., None] * coords).sum(dim=1, keepdim=True)
+    spread = (q * ((coords - mean) ** 2).sum(dim=2)).sum(dim=1)
+    return (spread / radius.to(q.dtype).clamp(min=1e-6) ** 2).mean()

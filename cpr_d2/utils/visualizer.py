@@ -96,6 +96,20 @@ class PointVisualizer(Visualizer):
         self.draw_points(coarse, classes, labels=False, marker="x")
         return self.draw_points(refined, classes, labels=False)
 
+    def draw_regions(self, centres, radii, classes=None):
+        """Each object's sampling region (adaptive CPRNet): a dashed circle of radius
+        radii[k] pixels around centres[k]."""
+        centres = _as_numpy(centres).reshape(-1, 2)
+        radii = _as_numpy(radii).reshape(-1)
+        if len(centres) != len(radii):
+            raise ValueError(f"draw_regions: {len(centres)} centres but {len(radii)} radii")
+        for k, ((x, y), r) in enumerate(zip(centres, radii)):
+            c = class_color(int(_as_numpy(classes)[k]), self.metadata) if classes is not None else (1, 1, 0)
+            self.output.ax.add_patch(mpl.patches.Circle(
+                (x, y), radius=float(r), fill=False, edgecolor=c, linestyle="--",
+                linewidth=0.8 * self.output.scale, alpha=0.8))
+        return self.output
+
     def draw_bag_scores(self, bag_points, bag_scores, cmap="jet", vmax=None):
         """Each bag point as a small dot coloured by its class score, from 0 (blue) to
         `vmax` (red; default: the highest score drawn, so low-scoring bags still show

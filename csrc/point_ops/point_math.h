@@ -189,27 +189,57 @@ CPR_HD void bilinear_scatter(const FeatureStrides& s, const BilinearTaps<acc_t>&
 
 // Row readers: where a gather or scatter reads row `row` from. Both kernels
 // (CPU and CUDA) are written once over these.
+// Offset of bag slot p of an object whose rings lie `spacing` pixels apart:
+// (k * spacing) * (cos, sin), from the slot's row (k, cos, sin) of ring_table.
+CPR_HD void spaced_offset(const double* table, int64_t p, double spacing, double* dx,
+                          double* dy) {
+  const double r = mul_rn(table[3 * p], spacing);
+  *dx = mul_rn(r, table[3 * p + 1]);
+  *dy = mul_rn(r, table[3 * p + 2]);
+}
+
 // Reads bag slot `row` (= n * P + p) of the bag of point n: its coordinates
-// and the batch index of its image.
+// and the batch index of its image. Fixed rings read the slot's offset from
+// `offsets` (ring_offsets); per-object regions (region != nullptr, pixels)
+// put object n's rings region[n] / rings apart, from `offsets` holding
+// ring_table.
 template <typename coord_t>
 struct BagRow {
   const coord_t* points;
   const int64_t* batch_idx;
   const double* offsets;
   int64_t bag;
+  const double* region;
+  double rings;
 
   // Coordinates of the slot; returns the index n of its bag.
   CPR_HD int64_t coords(int64_t row, coord_t* x, coord_t* y) const {
     const int64_t n = row / bag;
     const int64_t p = row - n * bag;
-    *x = bag_coord(points[2 * n], offsets[2 * p]);
-    *y = bag_coord(points[2 * n + 1], offsets[2 * p + 1]);
+    if (region != nullptr) {
+      double dx, dy;
+      spaced_offset(offsets, p, region[n] / rings, &dx, &dy);
+      *x = bag_coord(points[2 * n], dx);
+      *y = bag_coord(points[2 * n + 1], dy);
+    } else {
+      *x = bag_coord(points[2 * n], offsets[2 * p]);
+      *y = bag_coord(points[2 * n + 1], offsets[2 * p + 1]);
+    }
     return n;
   }
 
   CPR_HD void operator()(int64_t row, coord_t* x, coord_t* y, int64_t* b) const {
     *b = batch_idx[coords(row, x, y)];
   }
+};
+
+// The distance within which point n keeps the cells from being negatives:
+// R * s for every point, or its own region (pixels) when region != nullptr.
+struct NegativeRadii {
+  double fixed;
+  const double* region;
+
+  CPR_HD double operator()(int64_t n) const { return region != nullptr ? region[n] : fixed; }
 };
 
 // Reads plain point m (a bag of one, offset zero).

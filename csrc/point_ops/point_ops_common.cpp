@@ -155,21 +155,60 @@ at::Tensor zeros_grad(at::IntArrayRef feature_size, const at::TensorOptions& opt
                                                            : at::MemoryFormat::Contiguous));
 }
 
-at::Tensor ring_offsets(int64_t radius, double stride) {
+at::Tensor ring_table(int64_t radius) {
   const int64_t size = bag_size(radius);
-  at::Tensor table = at::zeros({size, 2}, at::kDouble);
+  at::Tensor table = at::zeros({size, 3}, at::kDouble);
   double* out = table.data_ptr<double>();
   for (int64_t idx = 0; idx + 1 < size; ++idx) {
     int64_t ring, t;
     ring_slot(idx, &ring, &t);
     // Same operation order as the PyTorch reference, so the tables match bit
-    // for bit: r = k * s; angle = pi * t / (4k) (= 2 pi t / 8k).
-    const double r = static_cast<double>(ring) * stride;
+    // for bit: angle = pi * t / (4k) (= 2 pi t / 8k).
     const double angle = M_PI * static_cast<double>(t) / (4.0 * static_cast<double>(ring));
-    out[2 * idx] = r * std::cos(angle);
-    out[2 * idx + 1] = r * std::sin(angle);
+    out[3 * idx] = static_cast<double>(ring);
+    out[3 * idx + 1] = std::cos(angle);
+    out[3 * idx + 2] = std::sin(angle);
   }
-  return table;  // the last slot, the annotated point, keeps offset (0, 0)
+  return table;  // the annotated point: ring 0, offset (0, 0)
+}
+
+at::Tensor ring_offsets(int64_t radius, double stride) {
+  const at::Tensor table = ring_table(radius);
+  const double* unit = table.data_ptr<double>();
+  at::Tensor offsets = at::empty({table.size(0), 2}, at::kDouble);
+  double* out = offsets.data_ptr<double>();
+  for (int64_t idx = 0; idx < table.size(0); ++idx) {
+    spaced_offset(unit, idx, stride, &out[2 * idx], &out[2 * idx + 1]);  // (k s) cos, (k s) sin
+  }
+  return offsets;
+}
+
+void check_region(const std::optional<at::Tensor>& region, int64_t num_points,
+                  const at::Device& device) {
+  if (!region.has_value() || !region->defined()) return;
+  const at::Tensor& r = *region;
+  TORCH_CHECK_VALUE(r.dim() == 1 && r.size(0) == num_points, "cpr_d2: region must have shape (",
+                    num_points, ",), one radius in pixels per point, got shape ", r.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(r.scalar_type()),
+                   "cpr_d2: region must be a floating tensor, got ", r.scalar_type());
+  TORCH_CHECK_VALUE(r.device() == device, "cpr_d2: region is on ", r.device(),
+                    " but the points are on ", device);
+  if (num_points == 0) return;
+  TORCH_CHECK_VALUE((at::isfinite(r) & (r >= 0)).all().item<bool>(),
+                    "cpr_d2: region radii must be finite and >= 0 pixels");
+}
+
+at::Tensor region_pixels(const std::optional<at::Tensor>& region) {
+  if (!region.has_value() || !region->defined()) return at::Tensor();
+  return region->to(at::kDouble).contiguous();
+}
+
+BagTables bag_tables(int64_t radius, double stride, const std::optional<at::Tensor>& region,
+                     const at::Device& device) {
+  // R = 0: the bag is the annotated point alone, whatever its region.
+  const at::Tensor pixels = radius == 0 ? at::Tensor() : region_pixels(region);
+  if (!pixels.defined()) return {ring_offsets(radius, stride).to(device), pixels};
+  return {ring_table(radius).to(device), pixels};
 }
 
 }  // namespace cpr_d2

@@ -104,18 +104,20 @@ bool empty_map(at::IntArrayRef size) { return size[2] == 0 || size[3] == 0; }
 
 std::tuple<at::Tensor, at::Tensor> bag_points_cpu(const at::Tensor& points, int64_t radius,
                                                   double stride, int64_t image_height,
-                                                  int64_t image_width) {
+                                                  int64_t image_width,
+                                                  const std::optional<at::Tensor>& region) {
   check_bag_points_args(points, radius, stride, image_height, image_width);
+  check_region(region, points.size(0), points.device());
   const at::Tensor pts = points.contiguous();
   const int64_t n_points = pts.size(0);
   const int64_t bag = bag_size(radius);
   at::Tensor coords = at::empty({n_points, bag, 2}, pts.options());
   at::Tensor valid = at::empty({n_points, bag}, pts.options().dtype(at::kBool));
-  const at::Tensor offsets = ring_offsets(radius, stride);
-  const double* off = offsets.data_ptr<double>();
+  const BagTables tables = bag_tables(radius, stride, region, pts.device());
   bool* valid_ptr = valid.data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES(pts.scalar_type(), "cpr_d2::bag_points", [&] {
-    const BagRow<scalar_t> bags{pts.data_ptr<scalar_t>(), nullptr, off, bag};
+    const BagRow<scalar_t> bags = bag_row<scalar_t>(pts.data_ptr<scalar_t>(), nullptr, tables,
+                                                    radius);
     scalar_t* out = coords.data_ptr<scalar_t>();
     at::parallel_for(0, n_points * bag, grain_for(8), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
@@ -131,8 +133,10 @@ std::tuple<at::Tensor, at::Tensor> bag_points_cpu(const at::Tensor& points, int6
 }
 
 at::Tensor negative_mask_cpu(const at::Tensor& points, const at::Tensor& labels, int64_t height,
-                             int64_t width, double stride, int64_t radius, int64_t num_classes) {
+                             int64_t width, double stride, int64_t radius, int64_t num_classes,
+                             const std::optional<at::Tensor>& region) {
   check_negative_mask_args(points, labels, height, width, stride, radius, num_classes);
+  check_region(region, points.size(0), points.device());
   const at::Tensor pts = points.to(at::kDouble).contiguous();
   const at::Tensor lab = labels.contiguous();
   at::Tensor mask = at::ones({height * width, num_classes}, points.options().dtype(at::kBool));
@@ -141,15 +145,15 @@ at::Tensor negative_mask_cpu(const at::Tensor& points, const at::Tensor& labels,
   const double* p = pts.data_ptr<double>();
   const int64_t* l = lab.data_ptr<int64_t>();
   bool* m = mask.data_ptr<bool>();
-  const double r = static_cast<double>(radius) * stride;
-  const double r2 = mul_rn(r, r);
+  const at::Tensor region_px = region_pixels(region);
+  const NegativeRadii radii = negative_radii(radius, stride, region_px);
   // The points of every row of cells whose window (cell_window, which errs on the
   // wide side) reaches it, in point order: a counting sort, so that the work is
   // the points' windows and not rows x points.
   std::vector<int64_t> row_start(height + 1, 0);
   for (int64_t n = 0; n < n_points; ++n) {
     int64_t i_lo, i_hi;
-    if (!cell_window(p[2 * n + 1], r, stride, height, &i_lo, &i_hi)) continue;
+    if (!cell_window(p[2 * n + 1], radii(n), stride, height, &i_lo, &i_hi)) continue;
     for (int64_t i = i_lo; i <= i_hi; ++i) ++row_start[i + 1];
   }
   std::partial_sum(row_start.begin(), row_start.end(), row_start.begin());
@@ -158,7 +162,7 @@ at::Tensor negative_mask_cpu(const at::Tensor& points, const at::Tensor& labels,
     std::vector<int64_t> fill(row_start.begin(), row_start.end() - 1);
     for (int64_t n = 0; n < n_points; ++n) {
       int64_t i_lo, i_hi;
-      if (!cell_window(p[2 * n + 1], r, stride, height, &i_lo, &i_hi)) continue;
+      if (!cell_window(p[2 * n + 1], radii(n), stride, height, &i_lo, &i_hi)) continue;
       for (int64_t i = i_lo; i <= i_hi; ++i) row_points[fill[i]++] = n;
     }
   }
@@ -171,6 +175,8 @@ at::Tensor negative_mask_cpu(const at::Tensor& points, const at::Tensor& labels,
       for (int64_t k = row_start[i]; k < row_start[i + 1]; ++k) {
         const int64_t n = row_points[k];
         const double px = p[2 * n], py = p[2 * n + 1];
+        const double r = radii(n);
+        const double r2 = mul_rn(r, r);
         const double dy = cy - py;
         if (!(mul_rn(dy, dy) < r2)) continue;  // the whole row is too far
         int64_t j_lo, j_hi;
@@ -226,22 +232,24 @@ std::tuple<at::Tensor, at::Tensor> bag_gather_cpu(const at::Tensor& features,
                                                   const at::Tensor& points,
                                                   const at::Tensor& batch_idx,
                                                   const at::Tensor& image_sizes, int64_t radius,
-                                                  double stride) {
+                                                  double stride,
+                                                  const std::optional<at::Tensor>& region) {
   const at::Tensor pts = prepare_gather(features, points, batch_idx, stride);
   check_radius(radius);
   check_image_sizes(image_sizes, features.size(0));
+  check_region(region, pts.size(0), pts.device());
   const int64_t n_points = pts.size(0), channels = features.size(1);
   const int64_t bag = bag_size(radius);
   at::Tensor out = new_output({n_points, bag, channels}, features);
   at::Tensor valid = at::empty({n_points, bag}, features.options().dtype(at::kBool));
   if (n_points == 0) return {out, valid};
-  const at::Tensor offsets = ring_offsets(radius, stride);
+  const BagTables tables = bag_tables(radius, stride, region, pts.device());
   const at::Tensor sizes = image_sizes.contiguous();
   const at::Tensor bidx = batch_idx.contiguous();
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "cpr_d2::bag_gather", [&] {
     using acc_t = scalar_t;
-    const BagRow<acc_t> rows{pts.data_ptr<acc_t>(), bidx.data_ptr<int64_t>(),
-                             offsets.data_ptr<double>(), bag};
+    const BagRow<acc_t> rows =
+        bag_row<acc_t>(pts.data_ptr<acc_t>(), bidx.data_ptr<int64_t>(), tables, radius);
     const int64_t* hw = sizes.data_ptr<int64_t>();
     bool* v = valid.data_ptr<bool>();
     at::parallel_for(0, n_points * bag, grain_for(8), [&](int64_t begin, int64_t end) {
@@ -262,20 +270,22 @@ std::tuple<at::Tensor, at::Tensor> bag_gather_cpu(const at::Tensor& features,
 
 at::Tensor bag_gather_backward_cpu(const at::Tensor& grad_out, const at::Tensor& points,
                                    const at::Tensor& batch_idx, int64_t radius, double stride,
-                                   at::IntArrayRef feature_size, bool channels_last) {
+                                   at::IntArrayRef feature_size, bool channels_last,
+                                   const std::optional<at::Tensor>& region) {
   check_radius(radius);
   const int64_t bag = bag_size(radius);
   const at::Tensor pts =
       prepare_gather_backward(grad_out, points, batch_idx, stride, feature_size, bag);
+  check_region(region, pts.size(0), pts.device());
   at::Tensor grad = zeros_grad(feature_size, grad_out.options(), channels_last);
   if (grad_out.numel() == 0 || empty_map(feature_size)) return grad;
-  const at::Tensor offsets = ring_offsets(radius, stride);
+  const BagTables tables = bag_tables(radius, stride, region, pts.device());
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor bidx = batch_idx.contiguous();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cpr_d2::bag_gather_backward", [&] {
     using acc_t = scalar_t;
-    const BagRow<acc_t> rows{pts.data_ptr<acc_t>(), bidx.data_ptr<int64_t>(),
-                             offsets.data_ptr<double>(), bag};
+    const BagRow<acc_t> rows =
+        bag_row<acc_t>(pts.data_ptr<acc_t>(), bidx.data_ptr<int64_t>(), tables, radius);
     scatter_rows<scalar_t, acc_t>(g.data_ptr<scalar_t>(), feature_size[1], feature_size[2],
                                   feature_size[3], static_cast<acc_t>(stride),
                                   pts.size(0) * bag, rows, grad.data_ptr<scalar_t>(),

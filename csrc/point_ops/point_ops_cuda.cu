@@ -35,10 +35,8 @@ FeatureStrides strides_of(const at::Tensor& t) {
 bool empty_map(at::IntArrayRef size) { return size[2] == 0 || size[3] == 0; }
 
 template <typename coord_t>
-__global__ void bag_points_kernel(const coord_t* points, const double* offsets, int64_t bag,
-                                  int64_t rows, int64_t height, int64_t width, coord_t* coords,
-                                  bool* valid) {
-  const BagRow<coord_t> bags{points, nullptr, offsets, bag};
+__global__ void bag_points_kernel(BagRow<coord_t> bags, int64_t rows, int64_t height,
+                                  int64_t width, coord_t* coords, bool* valid) {
   CPR_GRID_STRIDE_LOOP(row, rows) {
     coord_t x, y;
     bags.coords(row, &x, &y);
@@ -52,14 +50,15 @@ __global__ void bag_points_kernel(const coord_t* points, const double* offsets, 
 // `false`, so concurrent writes to one cell need no atomics.
 __global__ void negative_mask_kernel(const double* points, const int64_t* labels,
                                      int64_t n_points, int64_t side, int64_t height,
-                                     int64_t width, double stride, double radius,
+                                     int64_t width, double stride, NegativeRadii radii,
                                      int64_t num_classes, bool* mask) {
-  const double r2 = mul_rn(radius, radius);
   const int64_t window = side * side;
   CPR_GRID_STRIDE_LOOP(idx, n_points * window) {
     const int64_t n = idx / window;
     const int64_t k = idx - n * window;
     const double px = points[2 * n], py = points[2 * n + 1];
+    const double radius = radii(n);
+    const double r2 = mul_rn(radius, radius);
     int64_t i_lo, i_hi, j_lo, j_hi;
     if (!cell_window(py, radius, stride, height, &i_lo, &i_hi)) continue;
     if (!cell_window(px, radius, stride, width, &j_lo, &j_hi)) continue;
@@ -118,10 +117,6 @@ __global__ void bag_valid_kernel(BagRow<coord_t> read_row, const int64_t* image_
   }
 }
 
-at::Tensor device_offsets(int64_t radius, double stride, const at::Device& device) {
-  return ring_offsets(radius, stride).to(device);
-}
-
 template <typename scalar_t, typename Rows>
 void launch_gather(const at::Tensor& features, double stride, int64_t rows, const Rows& read_row,
                    at::Tensor& out) {
@@ -157,20 +152,22 @@ at::Tensor in_format(const at::Tensor& grad, bool channels_last) {
 
 std::tuple<at::Tensor, at::Tensor> bag_points_cuda(const at::Tensor& points, int64_t radius,
                                                    double stride, int64_t image_height,
-                                                   int64_t image_width) {
+                                                   int64_t image_width,
+                                                   const std::optional<at::Tensor>& region) {
   check_bag_points_args(points, radius, stride, image_height, image_width);
   const c10::cuda::CUDAGuard guard(points.device());
+  check_region(region, points.size(0), points.device());
   const at::Tensor pts = points.contiguous();
   const int64_t n_points = pts.size(0);
   const int64_t bag = bag_size(radius);
   at::Tensor coords = at::empty({n_points, bag, 2}, pts.options());
   at::Tensor valid = at::empty({n_points, bag}, pts.options().dtype(at::kBool));
   if (n_points == 0) return {coords, valid};
-  const at::Tensor offsets = device_offsets(radius, stride, pts.device());
+  const BagTables tables = bag_tables(radius, stride, region, pts.device());
   AT_DISPATCH_FLOATING_TYPES(pts.scalar_type(), "cpr_d2::bag_points_cuda", [&] {
     bag_points_kernel<scalar_t>
         <<<blocks_for(n_points * bag), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            pts.data_ptr<scalar_t>(), offsets.data_ptr<double>(), bag, n_points * bag,
+            bag_row<scalar_t>(pts.data_ptr<scalar_t>(), nullptr, tables, radius), n_points * bag,
             image_height, image_width, coords.data_ptr<scalar_t>(), valid.data_ptr<bool>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -179,21 +176,27 @@ std::tuple<at::Tensor, at::Tensor> bag_points_cuda(const at::Tensor& points, int
 
 at::Tensor negative_mask_cuda(const at::Tensor& points, const at::Tensor& labels, int64_t height,
                               int64_t width, double stride, int64_t radius,
-                              int64_t num_classes) {
+                              int64_t num_classes, const std::optional<at::Tensor>& region) {
   check_negative_mask_args(points, labels, height, width, stride, radius, num_classes);
   const c10::cuda::CUDAGuard guard(points.device());
+  check_region(region, points.size(0), points.device());
   at::Tensor mask = at::ones({height * width, num_classes}, points.options().dtype(at::kBool));
   const int64_t n_points = points.size(0);
   if (n_points == 0 || mask.numel() == 0) return mask;
   const at::Tensor pts = points.to(at::kDouble).contiguous();
   const at::Tensor lab = labels.contiguous();
-  // cell_window spans at most 2R + 4 cells per axis (2R of disc, rounding
-  // and one cell of slack on each side).
-  const int64_t side = 2 * radius + 5;
+  const at::Tensor region_px = region_pixels(region);
+  // cell_window spans at most 2r/s + 4 cells per axis (the disc, rounding and
+  // one cell of slack on each side), and never more than the grid.
+  const double widest = region_px.defined() ? region_px.max().item<double>()
+                                            : static_cast<double>(radius) * stride;
+  const double cells = std::ceil(2.0 * widest / stride) + 5.0;
+  const int64_t side = static_cast<int64_t>(
+      std::min(cells, static_cast<double>(std::max(height, width))));
   negative_mask_kernel<<<blocks_for(n_points * side * side), kThreads, 0,
                          c10::cuda::getCurrentCUDAStream()>>>(
       pts.data_ptr<double>(), lab.data_ptr<int64_t>(), n_points, side, height, width, stride,
-      static_cast<double>(radius) * stride, num_classes, mask.data_ptr<bool>());
+      negative_radii(radius, stride, region_px), num_classes, mask.data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return mask;
 }
@@ -238,25 +241,27 @@ std::tuple<at::Tensor, at::Tensor> bag_gather_cuda(const at::Tensor& features,
                                                    const at::Tensor& points,
                                                    const at::Tensor& batch_idx,
                                                    const at::Tensor& image_sizes, int64_t radius,
-                                                   double stride) {
+                                                   double stride,
+                                                   const std::optional<at::Tensor>& region) {
   const at::Tensor pts = prepare_gather(features, points, batch_idx, stride);
   check_radius(radius);
   check_image_sizes(image_sizes, features.size(0));
   check_same_device(features, "features", image_sizes, "image_sizes");
   const c10::cuda::CUDAGuard guard(features.device());
+  check_region(region, pts.size(0), pts.device());
   const int64_t n_points = pts.size(0), bag = bag_size(radius);
   at::Tensor out = new_output({n_points, bag, features.size(1)}, features);
   at::Tensor valid = at::empty({n_points, bag}, features.options().dtype(at::kBool));
   if (n_points == 0) return {out, valid};
-  const at::Tensor offsets = device_offsets(radius, stride, features.device());
+  const BagTables tables = bag_tables(radius, stride, region, features.device());
   const at::Tensor sizes = image_sizes.contiguous();
   const at::Tensor bidx = batch_idx.contiguous();
   const at::Tensor feats = features.contiguous(at::MemoryFormat::ChannelsLast);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
                                   "cpr_d2::bag_gather_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const BagRow<acc_t> rows{pts.data_ptr<acc_t>(), bidx.data_ptr<int64_t>(),
-                             offsets.data_ptr<double>(), bag};
+    const BagRow<acc_t> rows =
+        bag_row<acc_t>(pts.data_ptr<acc_t>(), bidx.data_ptr<int64_t>(), tables, radius);
     bag_valid_kernel<acc_t>
         <<<blocks_for(n_points * bag), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             rows, sizes.data_ptr<int64_t>(), n_points * bag, valid.data_ptr<bool>());
@@ -269,22 +274,24 @@ std::tuple<at::Tensor, at::Tensor> bag_gather_cuda(const at::Tensor& features,
 
 at::Tensor bag_gather_backward_cuda(const at::Tensor& grad_out, const at::Tensor& points,
                                     const at::Tensor& batch_idx, int64_t radius, double stride,
-                                    at::IntArrayRef feature_size, bool channels_last) {
+                                    at::IntArrayRef feature_size, bool channels_last,
+                                    const std::optional<at::Tensor>& region) {
   check_radius(radius);
   const int64_t bag = bag_size(radius);
   const at::Tensor pts =
       prepare_gather_backward(grad_out, points, batch_idx, stride, feature_size, bag);
   const c10::cuda::CUDAGuard guard(grad_out.device());
+  check_region(region, pts.size(0), pts.device());
   at::Tensor grad = zeros_grad(feature_size, grad_out.options(), true);
   if (grad_out.numel() == 0 || empty_map(feature_size)) return in_format(grad, channels_last);
-  const at::Tensor offsets = device_offsets(radius, stride, grad_out.device());
+  const BagTables tables = bag_tables(radius, stride, region, grad_out.device());
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor bidx = batch_idx.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
                                   "cpr_d2::bag_gather_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const BagRow<acc_t> rows{pts.data_ptr<acc_t>(), bidx.data_ptr<int64_t>(),
-                             offsets.data_ptr<double>(), bag};
+    const BagRow<acc_t> rows =
+        bag_row<acc_t>(pts.data_ptr<acc_t>(), bidx.data_ptr<int64_t>(), tables, radius);
     launch_scatter<scalar_t>(g, stride, pts.size(0) * bag, rows, grad);
   });
   return in_format(grad, channels_last);

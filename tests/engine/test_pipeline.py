@@ -31,7 +31,9 @@ def test_every_output_exists_and_parses(pipeline_run):
         assert row["AP@0.5"] is not None and 0 <= row["AP@0.5"] <= 100
         assert row["MAE"] is not None
     ranges = {r["range"]: r for r in results["training_points"]}
-    assert set(ranges) == {"all", "<20 px", ">=20 px"}
+    assert set(ranges) == {"all", "<12 px", "12-20 px", "20-32 px", ">=32 px", "<20 px",
+                           ">=20 px"}
+    assert all(0 <= r["worse_%"] <= 100 for r in ranges.values() if r["objects"])
     assert ranges["all"]["objects"] > 0 and ranges["all"]["rsv_coarse"] > 0
     assert {r["stage"] for r in results["stage_seconds"]} == {
         "data", "cpr", "refine", "p2p_coarse", "p2p_refined", "p2p_centres"}

@@ -7,6 +7,8 @@ import pytest
 from cpr_d2.evaluation.semantic_variance import (
     compare_point_jsons,
     format_comparison,
+    made_worse,
+    worse_by_range,
     format_table,
     normalized_offsets,
     semantic_variance,
@@ -153,6 +155,20 @@ def test_compare_matches_by_id():
     moved = np.array([0.0] * 4 + [math.hypot(u, v) for u, v in OFFSETS[4:]])
     assert result.b["all"].mean_distance == pytest.approx(moved.mean())
     assert "change %" in format_comparison(result)
+    # Moving to the box centre never makes an object worse.
+    assert result.worse["all"] == 0.0 and "worse %" in format_comparison(result)
+
+
+def test_made_worse_by_hand():
+    boxes = np.array([[0, 0, 20, 20], [0, 0, 20, 20], [0, 0, 100, 100], [0, 0, 4, 4]], float)
+    before = np.array([[12, 10], [12, 10], [60, 50], [2, 2]], float)
+    # 2 px -> 4 px from the centre: worse by 2 px > 0.05 * 20 = 1; 2 -> 2.9: by 0.9, not;
+    # 10 -> 14 px on a 100 px box: by 4 < 5, not; a 4 px box, 0 -> 0.21: worse (> 0.2).
+    after = np.array([[14, 10], [12.9, 10], [64, 50], [2.21, 2]], float)
+    assert made_worse(before, after, boxes).tolist() == [True, False, False, True]
+    ranges = (("all", 0, math.inf), ("small", 0, 10), ("none", 200, math.inf))
+    shares = worse_by_range(before, after, boxes, ranges)
+    assert shares["all"] == 50.0 and shares["small"] == 100.0 and math.isnan(shares["none"])
 
 
 def test_compare_uses_the_first_json_boxes():

@@ -6,7 +6,8 @@ import torch
 
 from cpr_d2.modeling.cpr_losses import (annotation_loss, mil_loss, negative_loss,
                                         quality_focal_loss, quality_focal_loss_with_logits,
-                                        refine_points)
+                                        score_variance_loss)
+from cpr_d2.modeling.cpr_refine import refine_points
 
 
 def logit(p):
@@ -159,3 +160,32 @@ def test_refine_no_objects():
                                                torch.zeros(0, 9, 3), torch.zeros(0, 2),
                                                torch.zeros(0, dtype=torch.long))
     assert refined.shape == (0, 2) and score.shape == kept.shape == mask.shape == (0,)
+
+
+def test_score_variance_loss_by_hand():
+    # One object, three bag points (the centre last): equal instance logits, class scores
+    # 0.5, 0.5 and 0 (logit -inf via a large negative) at x = -2, +2 and 0.
+    coords = torch.tensor([[[-2.0, 0.0], [2.0, 0.0], [0.0, 0.0]]])
+    cls = torch.tensor([[[0.0], [0.0], [-60.0]]])
+    ins = torch.zeros(1, 3, 1)
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    # q = (0.5, 0.5, 0): mean 0, spread 4 px^2; region 4 px -> 4 / 16.
+    loss = score_variance_loss(cls, ins, valid, coords, torch.tensor([0]), torch.tensor([4.0]))
+    assert loss.item() == pytest.approx(0.25, abs=1e-6)
+    # All the mass on one point: no spread. An invalid point takes no part.
+    cls2 = torch.tensor([[[5.0], [-60.0], [-60.0]]])
+    assert score_variance_loss(cls2, ins, valid, coords, torch.tensor([0]),
+                               torch.tensor([4.0])).item() == pytest.approx(0.0, abs=1e-6)
+    valid[0, 1] = False
+    assert score_variance_loss(cls, ins, valid, coords, torch.tensor([0]),
+                               torch.tensor([4.0])).item() == pytest.approx(0.0, abs=1e-6)
+    # Gradients reach both logit sets; an empty batch gives 0.
+    cls.requires_grad_(True)
+    ins.requires_grad_(True)
+    score_variance_loss(cls, ins, torch.ones(1, 3, dtype=torch.bool), coords,
+                        torch.tensor([0]), torch.tensor([4.0])).backward()
+    assert cls.grad.abs().sum() > 0
+    empty = score_variance_loss(torch.zeros(0, 3, 1), torch.zeros(0, 3, 1),
+                                torch.zeros(0, 3, dtype=torch.bool), torch.zeros(0, 3, 2),
+                                torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    assert empty.item() == 0

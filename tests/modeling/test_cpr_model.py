@@ -6,16 +6,21 @@ from detectron2.structures import Instances
 from cpr_d2.config import get_cpr_d2_cfg
 
 
-def tiny_cprnet(num_classes=2, radius=2):
+def tiny_cprnet_cfg(num_classes=2, radius=2, channels=64):
+    """A CPRNet config small enough for unit tests (the forest base, a 1-conv head)."""
     cfg = get_cpr_d2_cfg()
     cfg.merge_from_file("configs/forest/Base-forest.yaml")
     cfg.MODEL.META_ARCHITECTURE = "CPRNet"
     cfg.MODEL.CPR.NUM_CLASSES = num_classes
     cfg.MODEL.CPR.RADIUS = radius
     cfg.MODEL.CPR.NUM_CONVS = 1
-    cfg.MODEL.CPR.CONV_CHANNELS = 64
+    cfg.MODEL.CPR.CONV_CHANNELS = channels
+    return cfg
+
+
+def tiny_cprnet(num_classes=2, radius=2):
     torch.manual_seed(0)
-    return build_model(cfg)
+    return build_model(tiny_cprnet_cfg(num_classes, radius))
 
 
 def sample(height, width, points, classes, out_scale=2):
@@ -86,7 +91,7 @@ def test_bag_scores_for_visualisation():
 def test_finer_refinement_rings_sample_the_same_disc():
     from cpr_d2.layers import bag_coordinates, bilinear_gather_reference
     from cpr_d2.modeling.backbone import normalized_images
-    from cpr_d2.modeling.cpr_losses import refine_points
+    from cpr_d2.modeling.cpr_refine import refine_points
 
     model = tiny_cprnet(radius=2)
     model.return_bag_scores = True
