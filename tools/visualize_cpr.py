@@ -8,7 +8,8 @@ the trace of the refined points over training as an animated GIF.
         --dataset forest --output output/forest/vis [--images 4] \\
         [--checkpoint a.pth --checkpoint b.pth ...]  [MODEL.WEIGHTS model_final.pth]
 
-Writes <output>/<image_id>_refine.png per image (from MODEL.WEIGHTS, or the
+Draws the first --images images that have annotated objects. Writes
+<output>/<image_id>_refine.png per image (from MODEL.WEIGHTS, or the
 last --checkpoint) and, with two or more checkpoints, <image_id>_trace.gif.
 """
 import argparse
@@ -64,7 +65,12 @@ def main(args):
     weights = args.checkpoints or [cfg.MODEL.WEIGHTS]
     if not weights[-1]:
         raise ValueError("no model to draw: pass MODEL.WEIGHTS <checkpoint> or --checkpoint")
-    records = DatasetCatalog.get(args.dataset)[: args.images]
+    # Images without annotated objects have nothing to refine: draw the first that have.
+    records = [r for r in DatasetCatalog.get(args.dataset) if r.get("annotations")]
+    if not records:
+        raise ValueError(f"dataset {args.dataset!r} has no image with an annotated object "
+                         "to draw; pass a dataset with point annotations")
+    records = records[: args.images]
     metadata = MetadataCatalog.get(args.dataset)
     mapper = PointDatasetMapper(cfg, is_train=False, with_annotations=True)
     model = Trainer.build_model(cfg)

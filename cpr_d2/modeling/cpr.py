@@ -348,8 +348,8 @@ class CPRNet(nn.Module):
 
     def _results(self, batched_inputs, image_sizes, points, labels, counts, targets, refined,
                  score, num_kept, moved, bag_coords, bag_scores, regions=None):
-        """regions: None, or (centres (N, 2), radii (N,)) of the adaptive sampling discs."""
-        """Per image {"instances": ...} in the original image's pixels (class doc)."""
+        """Per image {"instances": ...} in the original image's pixels (class doc).
+        regions: None, or (centres (N, 2), radii (N,)) of the adaptive sampling discs."""
         results = []
         start = 0
         for b, (inp, n) in enumerate(zip(batched_inputs, counts)):

@@ -11,11 +11,26 @@ from cpr_d2.data import PointDatasetMapper, annotations_to_point_instances
 SIZE = 96
 
 
+def draw_blob(img, centre, radius, rng):
+    """`img` with a bright-cored disc at `centre`, and a coarse point for it: 35-75% of
+    the radius away from the centre in a random direction."""
+    ys, xs = np.mgrid[0:img.shape[0], 0:img.shape[1]] + 0.5
+    d = np.hypot(xs - centre[0], ys - centre[1])
+    img = np.maximum(img, np.where(d < radius, 90 + 160 * (1 - d / radius), 0))
+    rho, theta = rng.uniform(0.35, 0.75), rng.uniform(0, 2 * np.pi)
+    return img, centre + radius * rho * np.array([np.cos(theta), np.sin(theta)])
+
+
+def blob_record(image_id, img, anns):
+    """An in-memory record of the grey image `img` (float) and its annotations."""
+    image = np.repeat(np.clip(img, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    return {"image_id": image_id, "height": img.shape[0], "width": img.shape[1],
+            "annotations": anns, "image_array": image}
+
+
 def blob_records(num_images, seed):
-    """In-memory records: dark noisy images with three bright-cored discs each; coarse
-    points 35-75% of the radius away from the centre in a random direction."""
+    """In-memory records: dark noisy images with three bright-cored discs each (draw_blob)."""
     rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:SIZE, 0:SIZE] + 0.5
     records = []
     for i in range(num_images):
         img = rng.normal(40, 8, (SIZE, SIZE))
@@ -26,15 +41,10 @@ def blob_records(num_images, seed):
             if any(np.hypot(*(c - o)) < r + ro + 4 for o, ro in centres):
                 continue
             centres.append((c, r))
-            d = np.hypot(xs - c[0], ys - c[1])
-            img = np.maximum(img, np.where(d < r, 90 + 160 * (1 - d / r), 0))
-            rho, theta = rng.uniform(0.35, 0.75), rng.uniform(0, 2 * np.pi)
-            point = c + r * rho * np.array([np.cos(theta), np.sin(theta)])
+            img, point = draw_blob(img, c, r, rng)
             anns.append({"id": len(anns), "point": point.tolist(), "category_id": 0, "iscrowd": 0,
                          "centre": c.tolist()})
-        image = np.repeat(np.clip(img, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
-        records.append({"image_id": i, "height": SIZE, "width": SIZE, "annotations": anns,
-                        "image_array": image})
+        records.append(blob_record(i, img, anns))
     return records
 
 
@@ -67,6 +77,7 @@ def train_on(model, records, steps):
 
 def test_refined_points_move_towards_the_true_centres():
     torch.manual_seed(0)
+    np.random.seed(0)  # detectron2's random flips
     cfg = get_cpr_d2_cfg()
     cfg.merge_from_file("configs/forest/Base-forest.yaml")
     cfg.MODEL.META_ARCHITECTURE = "CPRNet"

@@ -53,3 +53,14 @@ def test_refinement_arrows_and_dataset_points():
     record = {"annotations": [{"point": [80.0, 30.0], "category_id": 0, "bbox": [60, 10, 40, 40]}]}
     out = PointVisualizer(canvas()).draw_dataset_points(record)
     assert changed(out, 80, 30) and changed(out, 60, 30, r=2)  # the point and its box edge
+
+
+def test_regions_are_circles_of_their_radius():
+    vis = PointVisualizer(canvas())
+    out = vis.draw_regions([[60.0, 60.0]], [30.0], classes=[0])
+    on_circle = [(90, 60), (30, 60), (60, 90), (60, 30)]
+    assert sum(changed(out, x, y, r=2) for x, y in on_circle) >= 3  # dashed: most of them
+    assert not changed(out, 60, 60, r=8)  # not filled
+    assert not changed(out, 60 + 15, 60, r=3) and not changed(out, 130, 60, r=8)
+    with pytest.raises(ValueError, match="2 centres but 1 radii"):
+        vis.draw_regions([[1.0, 1.0], [2.0, 2.0]], [1.0])
