@@ -43,8 +43,22 @@ def add_point_data_config(cfg):
     # paper's. True: drop its quirks (a perfect detector scores 1, classes
     # without GT leave the mean).
     cfg.TEST.POINT_AP.CLEAN = False
-    # Counting MAE/RMSE count the detections scoring above this.
+    # Counting MAE/RMSE count the detections scoring above this, unless the model
+    # carries a threshold chosen on its training set (MODEL.P2PNET.COUNT_CALIBRATION).
     cfg.TEST.POINT_AP.COUNT_SCORE_THRESH = 0.5
+
+    # Training augmentations for imagery without an "up" (cpr_d2/data/augment.py), on
+    # top of detectron2's INPUT.RANDOM_FLIP; all off by default. SCALE: () or
+    # (low, high), a resize by a factor drawn from [low, high] before the crop. VFLIP:
+    # vertical flips. ROT90: rotations by 0/90/180/270 degrees. BRIGHTNESS, CONTRAST,
+    # SATURATION: jitter intensity v in [0, 1), a factor drawn from [1 - v, 1 + v].
+    cfg.INPUT.POINT_AUG = CN()
+    cfg.INPUT.POINT_AUG.SCALE = ()
+    cfg.INPUT.POINT_AUG.VFLIP = False
+    cfg.INPUT.POINT_AUG.ROT90 = False
+    cfg.INPUT.POINT_AUG.BRIGHTNESS = 0.0
+    cfg.INPUT.POINT_AUG.CONTRAST = 0.0
+    cfg.INPUT.POINT_AUG.SATURATION = 0.0
     return cfg
 
 
@@ -62,6 +76,11 @@ def add_single_level_fpn_config(cfg):
     # Optimiser built by the tools: "SGD" (detectron2's, with SOLVER.MOMENTUM) or
     # "ADAM" (SOLVER.BASE_LR, SOLVER.WEIGHT_DECAY).
     cfg.SOLVER.OPTIMIZER = "SGD"
+    # An exponential moving average of the weights, which replaces them at the end of
+    # training (cpr_d2/engine/ema.py); off by default.
+    cfg.SOLVER.EMA = CN()
+    cfg.SOLVER.EMA.ENABLED = False
+    cfg.SOLVER.EMA.DECAY = 0.999
     return cfg
 
 
@@ -197,6 +216,12 @@ def add_p2pnet_config(cfg):
     cfg.MODEL.P2PNET.NMS_BOX_SIZE = 32.0
     cfg.MODEL.P2PNET.NMS_THRESH = 0.01
     cfg.MODEL.P2PNET.DETECTIONS_PER_IMAGE = 100
+    # Counting threshold: "" counts with TEST.POINT_AP.COUNT_SCORE_THRESH; "train"
+    # chooses it after training on the training images (the per-image counts closest
+    # to the annotated ones; cpr_d2/engine/count_calibration.py) and stores it in the
+    # model, so the evaluator, the demo and every later user of model_final.pth count
+    # with it.
+    cfg.MODEL.P2PNET.COUNT_CALIBRATION = ""
     return cfg
 
 

@@ -16,6 +16,8 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
 
+from .augment import point_augmentations
+
 __all__ = ["PointDatasetMapper", "annotations_to_point_instances"]
 
 logger = logging.getLogger(__name__)
@@ -95,6 +97,9 @@ class PointDatasetMapper:
         augs = utils.build_augmentation(cfg, is_train)  # resize (+ flip when training)
         if is_train and cfg.INPUT.CROP.ENABLED:
             augs.insert(0, T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
+        if is_train:
+            before_crop, after_flip = point_augmentations(cfg)
+            augs = before_crop + augs + after_flip
         return {
             "is_train": is_train,
             "augmentations": augs,

@@ -28,6 +28,9 @@ def _checkpoint_state(path):
                      "'model' entry, as tools/train_net.py writes)")
 
 
+OPTIONAL_WEIGHTS = ("count_threshold",)
+
+
 def load_inference_weights(model, path, arch=None):
     """Load `path` into `model` (eval, refinement, demo). Raises a ValueError naming the
     file when it is missing, unreadable, or does not hold every weight of the model with
@@ -41,7 +44,8 @@ def load_inference_weights(model, path, arch=None):
     if "://" not in path:
         state = _checkpoint_state(path)
         expected = model.state_dict()
-        missing = [k for k in expected if k not in state]
+        # Checkpoints from before a model carried a counting threshold load without one.
+        missing = [k for k in expected if k not in state and k not in OPTIONAL_WEIGHTS]
         wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
         if missing or wrong:
             detail = []

@@ -23,17 +23,22 @@ from detectron2.data import (build_detection_test_loader, build_detection_train_
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from cpr_d2.config import get_cpr_d2_cfg
 from cpr_d2.data import PointDatasetMapper, register_point_coco, set_outside_image_policy
 from cpr_d2.data.samplers import ResumableTrainingSampler, build_resumable_train_loader
 from cpr_d2.evaluation import build_point_evaluator
 from cpr_d2.evaluation.cpr_evaluator import CPREvaluator
+
+from .count_calibration import CountCalibrationHook
+from .ema import EMAHook
 from cpr_d2.utils.io import atomic_path, write_text_atomic
 
 __all__ = ["AtomicCheckpointer", "Trainer", "setup_cfg", "is_cpr", "register_point_jsons"]
 
 OPTIMIZERS = ("SGD", "ADAM")
+COUNT_CALIBRATIONS = ("", "train")
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +231,27 @@ class Trainer(DefaultTrainer):
             f"checkpoint is {self.last_good_checkpoint() or 'none yet'}; lower SOLVER.BASE_LR, "
             "enable SOLVER.CLIP_GRADIENTS, or check the data")
 
+    def build_hooks(self):
+        """DefaultTrainer's hooks, plus SOLVER.EMA before the checkpointer (so model_final
+        holds the average) and, for P2PNet with MODEL.P2PNET.COUNT_CALIBRATION "train",
+        the counting threshold's calibration before the final evaluation."""
+        ret = super().build_hooks()
+        cfg = self.cfg
+        if cfg.SOLVER.EMA.ENABLED:
+            before = next((k for k, h in enumerate(ret) if isinstance(
+                h, (hooks.PeriodicCheckpointer, hooks.EvalHook))), len(ret))
+            ret.insert(before, EMAHook(self.model, cfg.SOLVER.EMA.DECAY))
+        calibration = cfg.MODEL.P2PNET.COUNT_CALIBRATION if not is_cpr(cfg) else ""
+        if calibration not in COUNT_CALIBRATIONS:
+            raise ValueError(f"MODEL.P2PNET.COUNT_CALIBRATION must be one of "
+                             f"{COUNT_CALIBRATIONS}, got {calibration!r}")
+        if calibration == "train":
+            evaluator = next((k for k, h in enumerate(ret) if isinstance(h, hooks.EvalHook)),
+                             len(ret))
+            ret.insert(evaluator, CountCalibrationHook(
+                cfg, lambda name: self.build_test_loader(cfg, name)))
+        return ret
+
     @classmethod
     def build_train_loader(cls, cfg):
         """The training loader: the order of the images and their augmentations are a
@@ -340,4 +366,7 @@ def setup_cfg(args, output_subdir=None):
     set_outside_image_policy(cfg.DATASETS.POINTS_OUTSIDE_IMAGE)
     register_point_jsons(cfg)
     default_setup(cfg, args)
+    # detectron2 sets up its own and fvcore's loggers; this package's lines (the point AP
+    # table, the counting threshold, ...) go to the console and OUTPUT_DIR/log.txt too.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="cpr_d2")
     return cfg

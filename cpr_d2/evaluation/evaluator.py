@@ -164,10 +164,14 @@ class PointAPEvaluator(DatasetEvaluator):
 
     def reset(self):
         self._predictions = []
+        self._model_threshold = None  # a counting threshold the model carries
+
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
             instances = out["instances"]
+            if out.get("count_threshold") is not None:
+                self._model_threshold = float(out["count_threshold"])
             missing = [f for f in _PRED_FIELDS if not instances.has(f)]
             if missing:
                 raise KeyError(
@@ -211,8 +215,14 @@ class PointAPEvaluator(DatasetEvaluator):
         if self._output_dir:
             self._write_predictions(dets)
 
-        result = evaluate_point_ap(self._gts, dets, len(self._class_names), **self._eval_kwargs)
-        self._log(result)
+        kwargs = dict(self._eval_kwargs)
+        if self._model_threshold is not None:
+            kwargs["count_score_thresh"] = self._model_threshold
+            source = "the model's, chosen on its training images"
+        else:
+            source = "TEST.POINT_AP.COUNT_SCORE_THRESH"
+        result = evaluate_point_ap(self._gts, dets, len(self._class_names), **kwargs)
+        self._log(result, source)
         metrics = OrderedDict(
             (name, value if name in ("MAE", "RMSE") else 100.0 * value)
             for name, value in result.metrics().items()
@@ -221,10 +231,12 @@ class PointAPEvaluator(DatasetEvaluator):
             per_class = result.ap[:, result.range_names.index("all")].mean(axis=0)
             for name, value in zip(self._class_names, per_class):
                 metrics[f"AP-{name}"] = 100.0 * float(value)
+        metrics["count_threshold"] = float(kwargs["count_score_thresh"])
         if self._output_dir:
             # NaN (a range without GT) is written as null: strict json.
-            write_json_atomic({k: (v if v == v else None) for k, v in metrics.items()},
-                              os.path.join(self._output_dir, METRICS_FILE))
+            record = {k: (v if v == v else None) for k, v in metrics.items()}
+            record["count_threshold_source"] = source
+            write_json_atomic(record, os.path.join(self._output_dir, METRICS_FILE))
         return OrderedDict(point_ap=metrics)
 
     def _write_predictions(self, dets):
@@ -237,7 +249,7 @@ class PointAPEvaluator(DatasetEvaluator):
         write_json_atomic(rows, path)
         self._logger.info(f"Saved {len(rows)} point predictions to {path}")
 
-    def _log(self, result):
+    def _log(self, result, threshold_source):
         conventions = "clean" if result.clean else "official conventions"
         mean_ap = result.mean_ap
         header = ["range", "#GT", "mAP"] + [f"AP@{t:g}" for t in result.taus]
@@ -253,7 +265,7 @@ class PointAPEvaluator(DatasetEvaluator):
             f"Point AP on '{self._dataset_name}' ({result.num_images} images, max_dets "
             f"{result.max_dets}, {conventions}):\n{table}\n"
             f"Counting: MAE {result.mae:.3f}, RMSE {result.rmse:.3f} "
-            f"(detections with score > {result.count_score_thresh:g})"
+            f"(detections with score > {result.count_score_thresh:g}, {threshold_source})"
         )
         if "all" in result.range_names and len(self._class_names) > 1:
             per_class = result.ap[:, result.range_names.index("all")].mean(axis=0)

@@ -110,7 +110,9 @@ class P2PNet(nn.Module):
 
     Inference output, for every input image: {"instances": Instances with
     pred_points (N, 2), scores (N,) and pred_classes (N,)} in the pixels of the
-    image's original "height" x "width".
+    image's original "height" x "width"; with a counting threshold calibrated on the
+    training images (MODEL.P2PNET.COUNT_CALIBRATION), also "count_threshold" and
+    "count", the number of points scoring above it.
     """
 
     @configurable
@@ -148,6 +150,9 @@ class P2PNet(nn.Module):
         self.detections_per_image = detections_per_image
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        # The counting threshold chosen on the training images (cpr_d2.engine.
+        # count_calibration); negative = none, count with TEST.POINT_AP.COUNT_SCORE_THRESH.
+        self.register_buffer("count_threshold", torch.tensor(-1.0))
 
     @classmethod
     def from_config(cls, cfg):
@@ -274,6 +279,7 @@ class P2PNet(nn.Module):
     @torch.no_grad()
     def inference(self, logits, pred_points, anchors, batched_inputs, image_sizes):
         scores_all = self._scores(logits)
+        threshold = float(self.count_threshold)
         results = []
         for b, (inp, (height, width)) in enumerate(zip(batched_inputs, image_sizes)):
             # Anchors in the batch padding belong to no image.
@@ -297,5 +303,9 @@ class P2PNet(nn.Module):
             inst.pred_points = points[kept]
             inst.scores = scores[kept]
             inst.pred_classes = classes[kept]
-            results.append({"instances": inst})
+            result = {"instances": inst}
+            if threshold >= 0:
+                result["count_threshold"] = threshold
+                result["count"] = int((inst.scores > threshold).sum())
+            results.append(result)
         return results

@@ -6,6 +6,7 @@ from PIL import Image
 
 from cpr_d2.config import get_cpr_d2_cfg
 from cpr_d2.data import PointDatasetMapper, load_point_json
+from cpr_d2.data.augment import RandomRot90, RandomScale
 
 from .helpers import base_json, write_dataset
 
@@ -35,6 +36,12 @@ TRANSFORMS = {
     "crop": [T.RandomCrop("absolute", (70, 90))],
     "crop+resize+flip": [T.RandomCrop("relative", (0.8, 0.8)), T.ResizeShortestEdge(150, 400),
                          T.RandomFlip(prob=1.0)],
+    # INPUT.POINT_AUG (cpr_d2/data/augment.py); four calls draw several rotations.
+    "rot90": [RandomRot90()],
+    "scale": [RandomScale(0.7, 1.4)],
+    "scale+crop+rot90+colour": [RandomScale(0.8, 1.25), T.RandomCrop("absolute", (90, 80)),
+                                RandomRot90(), T.RandomBrightness(0.8, 1.2),
+                                T.RandomContrast(0.8, 1.2), T.RandomSaturation(0.8, 1.2)],
 }
 
 

@@ -256,3 +256,14 @@ def test_checkpointer_refuses_non_finite_weights(tmp_path):
     with pytest.raises(FloatingPointError, match=r"linear\.bias.*model_0000001\.pth"):
         checkpointer.save("model_final")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000001.pth"]
+
+
+def test_ema_run_killed_and_resumed_ends_with_the_uninterrupted_average(tmp_path):
+    ema = ["SOLVER.EMA.ENABLED", "True", "SOLVER.EMA.DECAY", "0.9"]
+    straight, killed, log = _straight_and_killed(tmp_path, overrides=ema)
+    assert "Starting training from iteration 4" in log
+    final, reference = _load(killed / "model_final.pth"), _load(straight / "model_final.pth")
+    assert "EMAHook" in final["trainer"]["hooks"]  # the average is in the checkpoint
+    _assert_identical(final["model"], reference["model"], "model")
+    _assert_identical(_load(killed / "model_0000005.pth")["trainer"]["hooks"]["EMAHook"],
+                      _load(straight / "model_0000005.pth")["trainer"]["hooks"]["EMAHook"], "EMA")

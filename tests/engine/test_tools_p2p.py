@@ -67,3 +67,33 @@ def test_forest_centres_are_the_true_box_centres():
             assert b["point"] == pytest.approx([x + w / 2, y + h / 2])
             moved += a["point"] != b["point"]
     assert moved > 500
+
+
+def test_ema_augmentation_and_a_counting_threshold_from_the_training_set(tmp_path):
+    import torch
+
+    results = run_train_net(
+        "OUTPUT_DIR", str(tmp_path), *FAST, "SOLVER.EMA.ENABLED", "True",
+        "MODEL.P2PNET.COUNT_CALIBRATION", "train", "INPUT.POINT_AUG.ROT90", "True",
+        "INPUT.POINT_AUG.VFLIP", "True", "INPUT.POINT_AUG.SCALE", "(0.8, 1.25)",
+        "INPUT.POINT_AUG.BRIGHTNESS", "0.2")
+    final = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    threshold = float(final["model"]["count_threshold"])
+    assert 0 <= threshold <= 1  # chosen and saved with the model
+    assert "EMAHook" in final["trainer"]["hooks"]
+    assert results["point_ap"]["count_threshold"] == pytest.approx(threshold)
+    saved = json.loads((tmp_path / "inference" / "forest_test" / "point_ap_metrics.json").read_text())
+    assert saved["count_threshold_source"] == "the model's, chosen on its training images"
+    log = (tmp_path / "log.txt").read_text()
+    assert "Counting threshold chosen on the training set (forest, 36 images)" in log
+    assert "RandomRot90" in log and "RandomScale" in log  # the package's lines reach log.txt
+    # --eval-only counts with the model's threshold.
+    again = run_train_net("--eval-only", "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
+                          "OUTPUT_DIR", str(tmp_path / "eval"), "DATALOADER.NUM_WORKERS", "0")
+    assert again["point_ap"]["count_threshold"] == pytest.approx(threshold)
+    assert again["point_ap"]["MAE"] == pytest.approx(results["point_ap"]["MAE"])
+
+
+def test_unknown_count_calibration_names_the_key(tmp_path):
+    with pytest.raises(ValueError, match="MODEL.P2PNET.COUNT_CALIBRATION must be one of"):
+        run_train_net("OUTPUT_DIR", str(tmp_path), *FAST, "MODEL.P2PNET.COUNT_CALIBRATION", "test")

@@ -149,12 +149,36 @@ def test_options_reach_the_metric(dataset):
         count_score_thresh=0.0,
     )
     m = run_batches(evaluator)["point_ap"]
-    assert [k for k in m if not k.startswith("AP-")] == ["mAP", "AP@1", "MAE", "RMSE"]
+    assert [k for k in m if not k.startswith("AP-")] == ["mAP", "AP@1", "MAE", "RMSE",
+                                                         "count_threshold"]
+    assert m["count_threshold"] == 0.0
     # max_dets 1: image 11 keeps only its FP cat; image 10 keeps its top cat (TP).
     # cat: ranked FP (0.95), TP (0.9): j = 0 -> 0, j = 1..49 -> 1/2 (npos 2)
     assert m["AP-cat"] == pytest.approx(100 * 49 * 0.5 / 101, abs=1e-9)
     # counting every detection: +1 (3 vs 2), +1 (2 vs 1), 0
     assert m["MAE"] == pytest.approx(2 / 3)
+
+
+def test_a_threshold_the_model_carries_replaces_the_configs(dataset, tmp_path):
+    evaluator = PointAPEvaluator(dataset, distributed=False, output_dir=str(tmp_path),
+                                 count_score_thresh=0.5)
+    evaluator.reset()
+    # Counted above 0.85: image 10 gets 1 of 2, image 11 1 of 1, image 12 0 of 0.
+    first = output([[5, 5], [40, 40]], [0.9, 0.8], [0, 1])
+    first["count_threshold"] = 0.85
+    second = output([[195, 10], [10, 10]], [0.95, 0.6], [0, 0])
+    second["count_threshold"] = 0.85
+    evaluator.process([{"image_id": 10}, {"image_id": 11}], [first, second])
+    m = evaluator.evaluate()["point_ap"]
+    assert m["MAE"] == pytest.approx(1 / 3) and m["count_threshold"] == 0.85
+    saved = json.loads((tmp_path / METRICS_FILE).read_text())
+    assert saved["count_threshold"] == 0.85
+    assert saved["count_threshold_source"] == "the model's, chosen on its training images"
+    # Without one, the config's, and the file says so.
+    run_batches(evaluator)
+    saved = json.loads((tmp_path / METRICS_FILE).read_text())
+    assert saved["count_threshold"] == 0.5
+    assert saved["count_threshold_source"] == "TEST.POINT_AP.COUNT_SCORE_THRESH"
 
 
 def test_results_do_not_accumulate_across_reset(dataset):

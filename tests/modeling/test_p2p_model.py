@@ -180,3 +180,30 @@ def test_class_out_of_range_names_the_key():
     model = build_model(small_cfg())
     with pytest.raises(ValueError, match="NUM_CLASSES"):
         model.losses(torch.zeros(1, 2, 1), torch.zeros(1, 2, 2), [targets([[1, 1]], [3])])
+
+
+def test_a_calibrated_threshold_counts_and_travels_in_the_checkpoint(tmp_path):
+    from cpr_d2.engine import load_inference_weights
+
+    model = build_model(small_cfg(SCORE_THRESH=0.05, NMS_BOX_SIZE=0))
+    anchors = anchor_points(1, 3, 8.0)
+    logits = torch.logit(torch.tensor([[0.9], [0.5], [0.2]]))[None]
+    points = torch.tensor([[[4.0, 4.0], [12.0, 4.0], [20.0, 4.0]]])
+    out = model.inference(logits, points, anchors, [{}], [(8, 24)])[0]
+    assert "count" not in out and "count_threshold" not in out  # not calibrated
+    model.count_threshold.fill_(0.3)
+    out = model.inference(logits, points, anchors, [{}], [(8, 24)])[0]
+    assert out["count_threshold"] == pytest.approx(0.3) and out["count"] == 2
+    # Saved with the weights and loaded with them.
+    path = tmp_path / "model.pth"
+    torch.save({"model": model.state_dict()}, path)
+    fresh = build_model(small_cfg())
+    assert float(fresh.count_threshold) == -1
+    load_inference_weights(fresh, str(path))
+    assert float(fresh.count_threshold) == pytest.approx(0.3)
+    # A checkpoint from before the buffer existed still loads (no threshold).
+    old = {k: v for k, v in model.state_dict().items() if k != "count_threshold"}
+    torch.save({"model": old}, path)
+    older = build_model(small_cfg())
+    load_inference_weights(older, str(path))
+    assert float(older.count_threshold) == -1

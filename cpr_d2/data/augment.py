@@ -1,0 +1,99 @@
+"""Training augmentations for overhead and microscope imagery, where an image has no
+"up": vertical flips, rotations by multiples of 90 degrees, scale and colour jitter
+(INPUT.POINT_AUG). Each moves points exactly with the pixels under them, in the
+project's continuous pixel coordinates (README, "Coordinate convention").
+
+Randomness comes from numpy's global generator, which the training stream seeds per
+sample (cpr_d2.data.samplers), so a run is reproducible and resumable.
+"""
+import numpy as np
+from detectron2.data import transforms as T
+from fvcore.transforms.transform import Transform
+
+__all__ = ["RandomRot90", "RandomScale", "Rot90Transform", "point_augmentations"]
+
+
+class Rot90Transform(Transform):
+    """Rotation by k * 90 degrees counter-clockwise (numpy's rot90) of an h x w image.
+    A point (x, y) goes to (y, w - x) for k = 1, (w - x, h - y) for k = 2 and
+    (h - y, x) for k = 3: exact, with no resampling."""
+
+    def __init__(self, k, h, w):
+        super().__init__()
+        self._set_attributes(locals())
+        self.k = int(k) % 4
+
+    def apply_image(self, img):
+        return np.ascontiguousarray(np.rot90(img, self.k, axes=(0, 1)))
+
+    def apply_coords(self, coords):
+        coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+        x, y = coords[:, 0].copy(), coords[:, 1].copy()
+        if self.k == 1:
+            x, y = y, self.w - x
+        elif self.k == 2:
+            x, y = self.w - x, self.h - y
+        elif self.k == 3:
+            x, y = self.h - y, x
+        return np.stack([x, y], axis=1)
+
+    def apply_segmentation(self, segmentation):
+        return self.apply_image(segmentation)
+
+    def inverse(self):
+        h, w = (self.w, self.h) if self.k % 2 else (self.h, self.w)
+        return Rot90Transform(4 - self.k, h, w)
+
+
+class RandomRot90(T.Augmentation):
+    """Rotates by 0, 90, 180 or 270 degrees, each with probability 1/4."""
+
+    def get_transform(self, image):
+        h, w = image.shape[:2]
+        return Rot90Transform(int(np.random.randint(4)), h, w)
+
+
+class RandomScale(T.Augmentation):
+    """Resizes by a factor drawn uniformly from [low, high] (both axes alike)."""
+
+    def __init__(self, low, high):
+        super().__init__()
+        if not 0 < low <= high:
+            raise ValueError(f"INPUT.POINT_AUG.SCALE must be (low, high) with 0 < low <= high, "
+                             f"got ({low}, {high})")
+        self.low, self.high = float(low), float(high)
+
+    def get_transform(self, image):
+        h, w = image.shape[:2]
+        s = np.random.uniform(self.low, self.high)
+        return T.ResizeTransform(h, w, max(1, int(round(h * s))), max(1, int(round(w * s))))
+
+
+def _check_intensity(name, value):
+    if not 0 <= value < 1:
+        raise ValueError(f"INPUT.POINT_AUG.{name} must be in [0, 1) (0 = off; 0.2 draws a "
+                         f"factor from [0.8, 1.2]), got {value}")
+    return value
+
+
+def point_augmentations(cfg):
+    """(before_crop, after_flip): the INPUT.POINT_AUG augmentations of a training
+    mapper, to run before the crop (scale) and after detectron2's flip (vertical flip,
+    rotation, colour)."""
+    c = cfg.INPUT.POINT_AUG
+    before, after = [], []
+    scale = tuple(c.SCALE)
+    if scale:
+        if len(scale) != 2:
+            raise ValueError(f"INPUT.POINT_AUG.SCALE must be () or (low, high), got {scale}")
+        before.append(RandomScale(*scale))
+    if c.VFLIP:
+        after.append(T.RandomFlip(0.5, horizontal=False, vertical=True))
+    if c.ROT90:
+        after.append(RandomRot90())
+    for name, aug in (("BRIGHTNESS", T.RandomBrightness), ("CONTRAST", T.RandomContrast),
+                      ("SATURATION", T.RandomSaturation)):
+        value = _check_intensity(name, float(getattr(c, name)))
+        if value:
+            after.append(aug(1 - value, 1 + value))
+    return before, after
