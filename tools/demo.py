@@ -11,7 +11,9 @@
         MODEL.WEIGHTS output/forest/cpr_R18_s8_r2/model_final.pth
 
 P2PNet configs: every predicted point scoring at least --confidence-threshold is
-drawn with its class name and score. Images larger than --max-size pixels on a
+drawn with its class name and score (default: the counting threshold the model
+chose on its training images, MODEL.P2PNET.COUNT_CALIBRATION, else 0.3), and
+each image's count is printed. Images larger than --max-size pixels on a
 side are predicted in overlapping tiles of at most --max-size pixels; each tile
 keeps only the points of its core (the overlap is split half-way between
 neighbouring tiles), so every point comes from exactly one tile. --video FILE
@@ -88,8 +90,9 @@ def parse_args(argv=None):
                         help="image files, folders of images or glob patterns")
     parser.add_argument("--video", help="a video file to run P2PNet on, frame by frame")
     parser.add_argument("--output", help="folder for the pictures (default: OUTPUT_DIR/demo)")
-    parser.add_argument("--confidence-threshold", type=float, default=0.3,
-                        help="draw P2PNet points scoring at least this")
+    parser.add_argument("--confidence-threshold", type=float, default=None,
+                        help="draw P2PNet points scoring at least this (default: the model's "
+                             "counting threshold when it has one, else 0.3)")
     parser.add_argument("--max-size", type=int, default=2048,
                         help="larger images are predicted in tiles of at most this many pixels")
     parser.add_argument("--json", help="CPRNet: a point json with the points to refine")
@@ -320,7 +323,8 @@ def run_p2p_images(cfg, model, inputs, output_dir, args):
         rgb = utils.convert_image_to_rgb(image, cfg.INPUT.FORMAT)
         written.append(write_image(
             draw_predictions(rgb, metadata, instances, args.confidence_threshold), out))
-        print(f"wrote {out}")
+        count = int((instances.scores >= args.confidence_threshold).sum())
+        print(f"wrote {out}: {count} points scoring >= {args.confidence_threshold:.3g}")
     return written, failed
 
 
@@ -507,6 +511,12 @@ def main(args):
         inputs, failed = resolve_inputs(args.input), []
         output_paths([p for p, _ in inputs], output_dir)
     model = load_model(cfg)
+    if not cpr and args.confidence_threshold is None:
+        calibrated = float(getattr(model, "count_threshold", torch.tensor(-1.0)))
+        args.confidence_threshold = calibrated if calibrated >= 0 else 0.3
+        if calibrated >= 0:
+            print(f"drawing and counting points scoring >= {calibrated:.3g}, the threshold "
+                  "this model chose on its training images")
     if cpr:
         written, more = run_cpr(cfg, model, chosen, outputs, metadata)
     else:

@@ -1,6 +1,7 @@
 """tools/demo.py on forest images with untrained tiny models: drawing, image modes, tiling,
 bad inputs, CPRNet refinement and a video."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -298,3 +299,22 @@ def test_video_gets_points_on_every_frame(demo, p2p_weights, forest_image, tmp_p
     not_video.write_text("not a video\n")
     with pytest.raises(ValueError, match="notes.mp4"):
         run_p2p(demo, p2p_weights, tmp_path, "--video", str(not_video))
+
+
+def test_a_calibrated_model_draws_and_counts_at_its_threshold(demo, forest_image, tmp_path, capsys):
+    weights = _checkpoint(P2P, tmp_path / "calibrated.pth")
+    state = torch.load(weights, weights_only=False)
+    state["model"]["count_threshold"] = torch.tensor(0.0095)
+    torch.save(state, weights)
+    args = demo.parse_args(["--config-file", P2P, "--input", forest_image, "MODEL.WEIGHTS",
+                            str(weights), "MODEL.P2PNET.SCORE_THRESH", "0.0",
+                            "OUTPUT_DIR", str(tmp_path / "run")])
+    demo.main(args)
+    out = capsys.readouterr().out
+    assert "the threshold this model chose on its training images" in out
+    count = int(re.search(r"wrote .*\.png: (\d+) points scoring >= 0\.0095", out).group(1))
+    # The untrained head scores every anchor about 0.01 (the prior): some above, some not.
+    assert args.confidence_threshold == pytest.approx(0.0095) and 0 <= count <= 100
+    # An explicit --confidence-threshold wins.
+    run_p2p(demo, weights, tmp_path, "--input", forest_image)
+    assert "points scoring >= 0" in capsys.readouterr().out
