@@ -2,7 +2,7 @@
 """The whole CPR pipeline in one command: coarse points -> CPRNet -> refined points ->
 P2PNet on coarse, refined and true-centre points -> point AP on the test set -> one table.
 
-    python tools/run_pipeline.py [--output DIR] [--quick] [--seed 0]
+    python tools/run_pipeline.py [--output DIR] [--quick] [--seed 0 | --seeds 0 1 2]
         [--train-dataset forest] [--test-dataset forest_test]
         [--cpr-config configs/forest/cpr_R18_s8_r2.yaml] [--p2p-config configs/forest/p2p_R18_s8.yaml]
         [--cpr-iters N] [--p2p-iters N] [--iter-scale F] [--device cpu|cuda]
@@ -23,6 +23,13 @@ training resumes from its last checkpoint. --force STAGE reruns STAGE and every 
 that depends on it (--force all reruns everything). DIR holds one run's settings: a
 second run with other settings stops with a message instead of mixing the two.
 
+--seeds S1 S2 ... runs every stage once per seed, each into DIR/seed_<S>/ (what
+--seed S --output DIR/seed_<S> writes; resume, skip and --force work per seed), then
+writes DIR/results.md and DIR/results.json: every seed's numbers, their mean +- std,
+and a paired bootstrap interval over the test images of AP@0.5(refined) -
+AP@0.5(coarse), pooled over the seeds. DIR defaults to
+output/pipeline/<train dataset>[_quick]_seeds.
+
 Any registered point dataset works (--train-dataset / --test-dataset: COCO, DOTA,
 SeaPerson builtins, or a json registered by --point-json NAME JSON IMAGE_ROOT).
 Defaults take about 30 minutes on a 2-core CPU; --quick (fewer iterations, same
@@ -30,6 +37,7 @@ stages) under 5 and marks its table as a smoke run; --device cuda --iter-scale 4
 scales up for a GPU.
 """
 import argparse
+import copy
 import datetime
 import os
 import platform
@@ -61,11 +69,12 @@ QUICK_ITERS = {"cpr": 200, "p2p": 150}
 FULL_ITERS = {"cpr": 1500, "p2p": 1200}
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default=None,
-                   help="run directory (default output/pipeline/<train dataset>[_quick])")
+                   help="run directory (default output/pipeline/<train dataset>[_quick], "
+                        "with --seeds output/pipeline/<train dataset>[_quick]_seeds)")
     p.add_argument("--train-dataset", default="forest")
     p.add_argument("--test-dataset", default="forest_test")
     p.add_argument("--point-json", nargs=3, action="append", default=[],
@@ -73,7 +82,14 @@ def parse_args(argv=None):
                    help="register a point json as dataset NAME (repeatable)")
     p.add_argument("--cpr-config", default="configs/forest/cpr_R18_s8_r2.yaml")
     p.add_argument("--p2p-config", default="configs/forest/p2p_R18_s8.yaml")
-    p.add_argument("--seed", type=int, default=0, help="training seed of every stage")
+    p.add_argument("--seed", type=int, default=None,
+                   help="training seed of every stage (default 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                   help="run every stage once per seed, into DIR/seed_<S>/, and report the "
+                        "mean +- std over the seeds and a paired bootstrap interval of "
+                        "AP@0.5(refined) - AP@0.5(coarse); not with --seed")
+    p.add_argument("--bootstrap-samples", type=int, default=2000, metavar="N",
+                   help="--seeds: bootstrap samples of the interval (default 2000)")
     p.add_argument("--coarse-seed", type=int, default=None,
                    help="regenerate the coarse points from the true boxes with this seed "
                         "(noise --coarse-noise); default: the dataset's own points")
@@ -92,6 +108,11 @@ def parse_args(argv=None):
     p.add_argument("--force", nargs="+", default=[], metavar="STAGE",
                    help=f"rerun these stages and what depends on them: {', '.join(STAGES)}, all")
     p.add_argument("--vis-images", type=int, default=2, help="test images to draw")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     bad = [s for s in args.force if s not in STAGES + ("all",)]
@@ -99,7 +120,60 @@ def parse_args(argv=None):
         p.error(f"--force: unknown stage(s) {bad}; stages are {', '.join(STAGES)} or all")
     if args.subset is not None and args.subset < 1:
         p.error("--subset must be >= 1")
+    if args.seeds is not None:
+        if args.seed is not None:
+            p.error(f"--seed {args.seed} and --seeds {' '.join(map(str, args.seeds))} exclude each "
+                    "other: --seed S runs one seed in DIR, --seeds S1 S2 ... runs several into "
+                    "DIR/seed_<S>/; pass only one of them")
+        repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+        if repeated:
+            p.error(f"--seeds: seed(s) {repeated} given more than once; list each seed once")
+        if len(args.seeds) < 2:
+            p.error(f"--seeds needs at least two seeds (a spread over one seed is undefined); "
+                    f"for one seed use --seed {args.seeds[0]}")
+    if args.bootstrap_samples < 1:
+        p.error("--bootstrap-samples must be >= 1")
+    if args.seed is None:
+        args.seed = 0
     return args
+
+
+def single_seed_argv(argv, seed, output):
+    """The arguments of the single-seed run that a --seeds run makes for `seed` (shown as
+    the command in that seed's tables): argv without --seeds, --output and
+    --bootstrap-samples, plus --seed and --output."""
+    options = build_parser()._option_string_actions
+
+    def dest(token):
+        name = token.split("=", 1)[0]
+        if name in options:
+            return options[name].dest
+        found = {options[o].dest for o in options if o.startswith("--") and o.startswith(name)}
+        return found.pop() if len(found) == 1 else None  # argparse's unique abbreviations
+
+    out, k = [], 0
+    while k < len(argv):
+        token = argv[k]
+        k += 1
+        what = dest(token) if token.startswith("--") else None
+        if what in ("seeds", "output", "bootstrap_samples"):
+            if "=" not in token:
+                if what == "seeds":
+                    while k < len(argv) and re.fullmatch(r"-?\d+", argv[k]):
+                        k += 1
+                else:
+                    k += 1
+            continue
+        out.append(token)
+    return out + ["--seed", str(seed), "--output", output]
+
+
+def settings_differ(out, old, new):
+    """The message that refuses a directory holding a run with other settings."""
+    diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    return (f"run_pipeline: {out} holds a run with other settings "
+            f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); pass "
+            "another --output, or --force all to redo it with the new settings")
 
 
 def iterations(args):
@@ -146,6 +220,7 @@ class Run:
         self.state_path = os.path.join(self.out, "stages.json")
         self.forced = forced_stages(args.force)
         self.start = time.time()
+        self.ran = []  # the stages this invocation ran (not skipped)
         self.settings = {
             "train_dataset": args.train_dataset, "test_dataset": args.test_dataset,
             "point_jsons": [list(p) for p in args.point_json],
@@ -156,22 +231,33 @@ class Run:
         }
 
     # ---- state ---------------------------------------------------------------------
-    def load_state(self):
+    def check_settings(self):
+        """The directory's state, or None for a new directory; refuses a directory that
+        holds a run with other settings, or a --seeds run."""
         from cpr_d2.engine.pipeline import read_json
 
-        os.makedirs(self.out, exist_ok=True)
         if not os.path.isfile(self.state_path):
+            return None
+        state = read_json(self.state_path, "pipeline state")
+        old = state.get("settings", {})
+        if "seeds" in old:
+            raise SystemExit(
+                f"run_pipeline: {self.out} holds a --seeds run (seeds {old['seeds']}, one "
+                "directory seed_<S> per seed); pass another --output for a single-seed run, "
+                f"or --output {os.path.join(self.out, 'seed_<S>')} --seed <S> to resume one "
+                "of its seeds")
+        if old != self.settings and "all" not in self.args.force:
+            raise SystemExit(settings_differ(self.out, old, self.settings))
+        return state
+
+    def load_state(self):
+        state = self.check_settings()
+        os.makedirs(self.out, exist_ok=True)
+        if state is None:
             self.state = {"settings": self.settings, "stages": {}}
             self.save_state()
             return
-        self.state = read_json(self.state_path, "pipeline state")
-        old = self.state.get("settings", {})
-        if old != self.settings and "all" not in self.args.force:
-            diff = {k: (old.get(k), v) for k, v in self.settings.items() if old.get(k) != v}
-            raise SystemExit(
-                f"run_pipeline: {self.out} holds a run with other settings "
-                f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); pass "
-                "another --output, or --force all to redo it with the new settings")
+        self.state = state
         self.state["settings"] = self.settings
         self.save_state()
 
@@ -347,14 +433,22 @@ class Run:
                 print(f"  --force: moved the earlier {os.path.basename(p)} to {previous}")
 
     def register_derived(self):
-        """Register the run's jsons in this process too (the report reads them)."""
-        from detectron2.data import DatasetCatalog
+        """Register the run's jsons in this process too (the report reads them). A name
+        registered earlier in this process for another directory (another seed of a
+        --seeds run) is registered again for this one."""
+        from detectron2.data import DatasetCatalog, MetadataCatalog
 
         from cpr_d2.data import register_point_coco
 
         for name, (json_file, root) in self.derived.items():
-            if os.path.isfile(json_file) and name not in DatasetCatalog.list():
-                register_point_coco(name, json_file, root)
+            if not os.path.isfile(json_file):
+                continue
+            if name in DatasetCatalog.list():
+                if getattr(MetadataCatalog.get(name), "json_file", None) == json_file:
+                    continue
+                DatasetCatalog.remove(name)
+                MetadataCatalog.remove(name)
+            register_point_coco(name, json_file, root)
 
     def main(self):
         self.resolve_sources()
@@ -377,6 +471,7 @@ class Run:
                       f"(--force {stage} reruns it)")
                 continue
             self.state["stages"].pop(stage, None)
+            self.ran.append(stage)
             if stage in self.forced:
                 self.set_aside(stage)
             t0 = time.time()
@@ -402,8 +497,8 @@ class Run:
 
     # ---- report ----------------------------------------------------------------------
     def report(self):
-        from cpr_d2.engine.pipeline import (localizer_rows, markdown_table, read_json,
-                                            training_points_rows)
+        from cpr_d2.engine.pipeline import (localizer_rows, localizer_table, markdown_table,
+                                            read_json, training_points_rows)
         from cpr_d2.utils.io import write_json_atomic, write_text_atomic
 
         coarse = read_json(self.derived["pipeline_coarse"][0], "coarse training json")
@@ -436,7 +531,7 @@ class Run:
             "box centre (lower is better).\n\n" + markdown_table(points),
             f"## P2PNet on {self.args.test_dataset}"
             + (f" (first {self.args.subset} images)" if self.args.subset else "")
-            + " (point AP in %, counting MAE/RMSE)\n\n" + markdown_table(localizers),
+            + " (point AP in %, counting MAE/RMSE)\n\n" + localizer_table(localizers),
             "## Wall time per stage (seconds)\n\n" + markdown_table(times),
             "## Pictures\n\n" + "\n".join(f"- {os.path.relpath(p, self.out)}" for p in pictures),
         ]) + "\n"
@@ -506,8 +601,244 @@ class Run:
         return written
 
 
+class SeedsRun:
+    """A --seeds run: one Run per seed in DIR/seed_<S>/ (each what a single-seed run with
+    that seed and directory writes), then DIR/results.md and DIR/results.json over the
+    seeds. DIR/stages.json holds the settings (with the seeds) and the report's state."""
+
+    BOOTSTRAP_SEED = 0
+
+    def __init__(self, args):
+        self.args = args
+        shown = args.output or os.path.join(
+            "output", "pipeline", args.train_dataset + ("_quick" if args.quick else "") + "_seeds")
+        self.out = os.path.abspath(shown)
+        self.state_path = os.path.join(self.out, "stages.json")
+        self.forced = forced_stages(args.force)
+        self.start = time.time()
+        self.runs = []
+        for seed in args.seeds:
+            one = copy.copy(args)
+            one.seed, one.seeds = seed, None
+            one.output = os.path.join(self.out, f"seed_{seed}")
+            one.argv = single_seed_argv(args.argv, seed, os.path.join(shown, f"seed_{seed}"))
+            self.runs.append(Run(one))
+        self.settings = {k: v for k, v in self.runs[0].settings.items() if k != "seed"}
+        self.settings["seeds"] = list(args.seeds)
+
+    def path(self, *parts):
+        return os.path.join(self.out, *parts)
+
+    def save_state(self):
+        from cpr_d2.utils.io import write_json_atomic
+
+        write_json_atomic(self.state, self.state_path)
+
+    def load_state(self):
+        """Refuses a directory with a single-seed run, or a --seeds run with other
+        settings (the seeds included), before any seed runs."""
+        from cpr_d2.engine.pipeline import read_json
+
+        state = None
+        if os.path.isfile(self.state_path):
+            state = read_json(self.state_path, "pipeline state")
+            old = state.get("settings", {})
+            if "seeds" not in old:
+                raise SystemExit(
+                    f"run_pipeline: {self.out} holds a single-seed run (seed {old.get('seed')}); "
+                    "pass another --output for the --seeds run")
+            if old != self.settings and "all" not in self.args.force:
+                raise SystemExit(settings_differ(self.out, old, self.settings))
+        for run in self.runs:  # each seed's directory, before anything runs
+            run.check_settings()
+        os.makedirs(self.out, exist_ok=True)
+        self.state = state or {"stages": {}}
+        self.state["settings"] = self.settings
+        self.state.setdefault("stages", {})
+        self.save_state()
+
+    def main(self):
+        self.load_state()
+        seeds = self.args.seeds
+        print(f"run_pipeline: {len(seeds)} seeds ({', '.join(map(str, seeds))}), each into "
+              f"{self.path('seed_<S>')}")
+        for k, run in enumerate(self.runs, 1):
+            print(f"\n##### seed {run.args.seed} ({k} of {len(seeds)}): {run.out}", flush=True)
+            run.start = time.time()
+            run.main()
+        print(f"\n=== seeds report: every seed's numbers, mean +- std, paired bootstrap "
+              f"(pipeline time {(time.time() - self.start) / 60:.1f} min)", flush=True)
+        earlier = self.state["stages"].get("report")
+        outputs = [self.path("results.md"), self.path("results.json")]
+        if (earlier and "report" not in self.forced and not any(run.ran for run in self.runs)
+                and earlier.get("bootstrap_samples") == self.args.bootstrap_samples
+                and all(os.path.isfile(p) for p in outputs)):
+            print(f"  done earlier ({earlier['seconds']:.0f} s); skipped (--force report reruns "
+                  "it)")
+        else:
+            self.state["stages"].pop("report", None)
+            t0 = time.time()
+            self.report()
+            self.state["stages"]["report"] = {
+                "seconds": round(time.time() - t0, 1),
+                "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+                "bootstrap_samples": self.args.bootstrap_samples}
+            self.save_state()
+        print(f"\nrun_pipeline: {len(seeds)} seeds finished in "
+              f"{(time.time() - self.start) / 60:.1f} min; results in {self.path('results.md')}")
+        return self.path("results.json")
+
+    # ---- report ----------------------------------------------------------------------
+    def bootstrap(self, metrics_by_seed):
+        """The paired bootstrap over test images of AP@0.5(refined) - AP@0.5(coarse),
+        pooled over the seeds, in AP points (%)."""
+        from detectron2.data import MetadataCatalog
+
+        from cpr_d2.engine.pipeline import point_ap_dets, point_ap_settings, read_json
+        from cpr_d2.evaluation import load_point_ground_truth
+        from cpr_d2.evaluation.seed_stats import paired_bootstrap_ap
+
+        first = self.runs[0]
+        test_name = self.runs[-1].test_name  # registered for the last seed's directory
+        class_names, image_ids, gts = load_point_ground_truth(test_name)
+        settings = point_ap_settings(first.path("p2p_coarse", "config.yaml"),
+                                     MetadataCatalog.get(test_name))
+        if settings is None:
+            print("  bootstrap: the evaluation's size ranges have no range 'all'; skipped")
+            return None
+        triples = []
+        for run in self.runs:
+            dets = {stage: point_ap_dets(read_json(run.predictions_path(stage),
+                                                   f"{stage} predictions"),
+                                         image_ids, run.predictions_path(stage))
+                    for stage in ("p2p_coarse", "p2p_refined")}
+            triples.append((gts, dets["p2p_coarse"], dets["p2p_refined"]))
+        samples = self.args.bootstrap_samples
+        print(f"  bootstrap: {samples} resamples of the {len(gts)} test images x "
+              f"{len(triples)} seeds ...", flush=True)
+        t0 = time.time()
+        result = paired_bootstrap_ap(triples, num_classes=len(class_names), tau=0.5,
+                                     num_samples=samples, seed=self.BOOTSTRAP_SEED, **settings)
+        seconds = time.time() - t0
+        per_seed, matches = [], True
+        for run, a, b in zip(self.runs, result.ap_a, result.ap_b):
+            seed = run.args.seed
+            recorded = {s: metrics_by_seed[seed][LOCALIZERS[s][0]].get("AP@0.5")
+                        for s in ("p2p_coarse", "p2p_refined")}
+            for stage, value in (("p2p_coarse", a), ("p2p_refined", b)):
+                if recorded[stage] is not None and abs(100 * value - recorded[stage]) > 1e-6:
+                    matches = False
+                    print(f"  WARNING: seed {seed}: AP@0.5 of {stage} recomputed from its "
+                          f"predictions is {100 * value:.4f}, its metrics say "
+                          f"{recorded[stage]:.4f}; the bootstrap may not use the evaluation's "
+                          "settings")
+            per_seed.append({"seed": seed, "coarse": 100 * a, "refined": 100 * b,
+                             "difference": 100 * (b - a)})
+        print(f"  bootstrap: {seconds:.1f} s")
+        return {
+            "statistic": "AP@0.5(CPR-refined points) - AP@0.5(coarse points), mean over seeds",
+            "units": "AP points (%)",
+            "estimate": 100 * result.estimate, "lower": 100 * result.lower,
+            "upper": 100 * result.upper, "confidence": result.confidence,
+            "num_samples": result.num_samples, "seed": result.seed,
+            "num_images": result.num_images, "seeds": [r.args.seed for r in self.runs],
+            "num_undefined": result.num_undefined, "per_seed": per_seed,
+            "matches_metrics": matches, "seconds": round(seconds, 1),
+            "evaluation": {"tau": result.tau, "size_range": list(settings["size_range"]),
+                           "max_dets": settings["max_dets"], "clean": settings["clean"]},
+        }
+
+    def report(self):
+        from cpr_d2.engine.pipeline import (localizer_rows, markdown_table, read_json,
+                                            seeds_localizer_rows, seeds_training_rows)
+        from cpr_d2.utils.io import write_json_atomic, write_text_atomic
+
+        seeds = [run.args.seed for run in self.runs]
+        metrics_by_seed, points_by_seed, per_seed = {}, {}, {}
+        for run in self.runs:
+            seed = run.args.seed
+            metrics_by_seed[seed] = {LOCALIZERS[s][0]: read_json(run.metrics_path(s),
+                                                                 f"seed {seed} {s} metrics")
+                                     for s in LOCALIZERS}
+            results = read_json(run.path("results.json"), f"seed {seed} results")
+            points_by_seed[seed] = results["training_points"]
+            per_seed[str(seed)] = {
+                "dir": run.out, "results": run.path("results.md"),
+                "localizers": localizer_rows(metrics_by_seed[seed]),
+                "training_points": results["training_points"],
+                "stage_seconds": {s: run.state["stages"].get(s, {}).get("seconds")
+                                  for s in STAGES}}
+        localizer_md, localizer_summary = seeds_localizer_rows(metrics_by_seed)
+        points_md, points_summary = seeds_training_rows(points_by_seed)
+        boot = self.bootstrap(metrics_by_seed)
+        times = [{"stage": s, **{f"seed {seed}": per_seed[str(seed)]["stage_seconds"][s]
+                                 for seed in seeds}} for s in STAGES]
+        total = sum(v or 0 for row in times for k, v in row.items() if k != "stage")
+        smoke = any(run.smoke() for run in self.runs)
+        meta = {
+            "command": " ".join(shlex.quote(a) for a in ["tools/run_pipeline.py"]
+                                + self.args.argv),
+            "date": datetime.date.today().isoformat(),
+            "cpu": f"{cpu_name()}, {os.cpu_count()} cores",
+            "device": self.args.device, "seeds": seeds,
+            "smoke_run": smoke, "total_minutes": round(total / 60, 1),
+            **{k: v for k, v in self.settings.items() if k not in ("seeds", "device", "quick")},
+        }
+        test = self.args.test_dataset + (f" (first {self.args.subset} images)"
+                                         if self.args.subset else "")
+        title = (f"# CPR pipeline: {self.args.train_dataset} -> {self.args.test_dataset}, "
+                 f"{len(seeds)} seeds")
+        if smoke:
+            title += ("\n\n**SMOKE RUN: fewer iterations than the defaults; the numbers show the "
+                      "pipeline works, not what the method achieves.**")
+        if boot is None:
+            boot_md = "Not computed: the evaluation's size ranges have no range `all`."
+        else:
+            boot_md = (
+                "AP@0.5 of P2PNet on the CPR-refined points minus AP@0.5 on the coarse points, "
+                f"in AP points, mean over the {len(seeds)} seeds. Each of the "
+                f"{boot['num_samples']} samples draws the {boot['num_images']} test images "
+                "with replacement, the same draw for both localizers and every seed; the "
+                "interval is the 2.5th to 97.5th percentile of the samples. It shows how much "
+                "the difference depends on which test images are drawn; the spread over seeds "
+                "is in the table above.\n\n" + markdown_table([{
+                    "statistic": "AP@0.5 refined - coarse",
+                    "estimate": f"{boot['estimate']:+.2f}",
+                    "95% interval": f"[{boot['lower']:+.2f}, {boot['upper']:+.2f}]",
+                    "samples": boot["num_samples"], "test images": boot["num_images"],
+                    "seeds": ", ".join(map(str, seeds))}])
+                + "\n\n" + markdown_table([{"seed": r["seed"], "coarse": r["coarse"],
+                                             "refined": r["refined"],
+                                             "refined - coarse": r["difference"]}
+                                            for r in boot["per_seed"]]))
+        md = "\n\n".join([
+            title,
+            "\n".join(f"- {k}: {v}" for k, v in meta.items()),
+            "Each seed's own tables and pictures: "
+            + ", ".join(f"`{os.path.relpath(run.path('results.md'), self.out)}`"
+                        for run in self.runs) + ".",
+            f"## Training points ({self.args.train_dataset}): coarse -> CPR-refined, change "
+            "in %\n\nRSV = relative semantic variance, |o| = mean normalised distance to the "
+            "true box centre (lower is better, so negative changes are improvements). Mean "
+            "± sample std over the seeds.\n\n" + markdown_table(points_md),
+            f"## P2PNet on {test} (point AP in %, counting MAE/RMSE)\n\nEvery seed, then "
+            "the mean ± sample std over the seeds.\n\n" + markdown_table(localizer_md),
+            "## Refined vs coarse: paired bootstrap over test images\n\n" + boot_md,
+            "## Wall time per stage (seconds)\n\n" + markdown_table(times),
+        ]) + "\n"
+        write_text_atomic(md, self.path("results.md"))
+        write_json_atomic({"meta": meta, "seeds": seeds, "per_seed": per_seed,
+                           "localizers": localizer_summary, "training_points": points_summary,
+                           "bootstrap": boot, "stage_seconds": times},
+                          self.path("results.json"))
+        print("\n" + md)
+
+
 def main(argv=None):
-    return Run(parse_args(argv)).main()
+    args = parse_args(argv)
+    if args.seeds is not None:
+        return SeedsRun(args).main()
+    return Run(args).main()
 
 
 if __name__ == "__main__":

@@ -1,15 +1,25 @@
 """Pieces of the whole CPR pipeline (tools/run_pipeline.py): the training jsons it derives
-from a point dataset, and the results table it prints."""
+from a point dataset, the results table it prints, and the tables over several seeds
+(``--seeds``)."""
 import copy
 import json
 import math
 import os
 
+import numpy as np
+
+from cpr_d2.evaluation.seed_stats import aggregate_seeds
 from cpr_d2.evaluation.semantic_variance import compare_point_jsons
 from cpr_d2.utils.io import write_json_atomic
 
 __all__ = ["subset_json", "centres_json", "training_points_rows", "localizer_rows",
-           "markdown_table", "read_json"]
+           "localizer_table", "markdown_table", "read_json", "summarize_seeds",
+           "seeds_localizer_rows", "seeds_training_rows", "point_ap_dets",
+           "point_ap_settings"]
+
+LOCALIZER_METRICS = ("AP@0.5", "AP@1", "AP@2", "mAP", "MAE", "RMSE")
+# Column of the localizer tables that shows the score threshold counting used.
+COUNT_THRESHOLD_COLUMN = "count thresh"
 
 
 def read_json(path, what):
@@ -85,13 +95,28 @@ def training_points_rows(coarse, refined):
 
 
 def localizer_rows(metrics_by_name):
-    """Rows of the localizer table from {name: point-AP metrics dict (or None)}."""
+    """Rows of the localizer table from {name: point-AP metrics dict (or None)}. The
+    counting threshold and its source (the metrics' ``count_threshold`` and
+    ``count_threshold_source``) are None when the metrics do not have them."""
     rows = []
     for name, metrics in metrics_by_name.items():
         metrics = metrics or {}
-        rows.append({"trained on": name, **{k: metrics.get(k) for k in
-                                             ("AP@0.5", "AP@1", "AP@2", "mAP", "MAE", "RMSE")}})
+        rows.append({"trained on": name, **{k: metrics.get(k) for k in LOCALIZER_METRICS},
+                     "count threshold": metrics.get("count_threshold"),
+                     "count threshold source": metrics.get("count_threshold_source")})
     return rows
+
+
+def _threshold_cell(value):
+    return "n/a" if value is None else _cell(value)
+
+
+def localizer_table(rows):
+    """The markdown localizer table of ``localizer_rows``: the metrics and the counting
+    threshold ("n/a" when the metrics do not record it)."""
+    shown = [{**{k: r.get(k) for k in ("trained on",) + LOCALIZER_METRICS},
+              COUNT_THRESHOLD_COLUMN: _threshold_cell(r.get("count threshold"))} for r in rows]
+    return markdown_table(shown)
 
 
 def _cell(value):
@@ -116,3 +141,158 @@ def markdown_table(rows, columns=None):
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
     return "\n".join(lines)
+
+
+# ---- several seeds (tools/run_pipeline.py --seeds) ------------------------------------
+
+
+def _is_finite(value):
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def summarize_seeds(per_seed):
+    """``{name: {"mean", "std", "n", "values"}}`` over seeds from ``{seed: {name: value}}``
+    (``aggregate_seeds``). A metric that is missing or not a finite number in some seed
+    (e.g. the RSV change of a size range without objects) keeps its values, with None
+    in their place, and gets mean and std None."""
+    seeds = list(per_seed)
+    names = []
+    for seed in seeds:
+        names += [n for n in per_seed[seed] if n not in names]
+    complete = [n for n in names if all(_is_finite(per_seed[s].get(n)) for s in seeds)]
+    done = aggregate_seeds({s: {n: per_seed[s][n] for n in complete} for s in seeds}) \
+        if complete else {}
+    out = {}
+    for name in names:
+        out[name] = done.get(name) or {
+            "mean": None, "std": None, "n": len(seeds),
+            "values": [per_seed[s].get(name) if _is_finite(per_seed[s].get(name)) else None
+                       for s in seeds]}
+    return out
+
+
+def _mean_std_cell(summary):
+    if summary["mean"] is None:
+        return "-"
+    return f"{summary['mean']:.2f} ± {summary['std']:.2f}"
+
+
+def seeds_localizer_rows(metrics_by_seed):
+    """The localizer table over seeds.
+
+    Args:
+        metrics_by_seed: ``{seed: {localizer name: point-AP metrics dict}}``.
+
+    Returns:
+        ``(rows, summary)``: markdown rows (per localizer, one row per seed, then its
+        mean ± std over the seeds) and ``{localizer name: summarize_seeds(...)}`` of
+        ``LOCALIZER_METRICS``.
+    """
+    seeds = list(metrics_by_seed)
+    names = list(metrics_by_seed[seeds[0]])
+    rows, summary = [], {}
+    for name in names:
+        per_seed = {}
+        for seed in seeds:
+            metrics = metrics_by_seed[seed].get(name) or {}
+            per_seed[seed] = {k: metrics.get(k) for k in LOCALIZER_METRICS}
+            rows.append({"trained on": name, "seed": seed, **per_seed[seed],
+                         COUNT_THRESHOLD_COLUMN: _threshold_cell(metrics.get("count_threshold"))})
+        summary[name] = summarize_seeds(per_seed)
+        rows.append({"trained on": name, "seed": "mean ± std",
+                     **{k: _mean_std_cell(summary[name][k]) for k in LOCALIZER_METRICS},
+                     COUNT_THRESHOLD_COLUMN: ""})
+    return rows, summary
+
+
+def change_percent(new, old):
+    """``100 (new / old - 1)``, or None when either is missing or not finite or old is 0."""
+    if not (_is_finite(new) and _is_finite(old)) or old == 0:
+        return None
+    return 100.0 * (new / old - 1.0)
+
+
+def seeds_training_rows(points_by_seed):
+    """The training-points table over seeds: the change coarse -> refined, in %, of RSV
+    and ``|o|`` per size range.
+
+    Args:
+        points_by_seed: ``{seed: training_points_rows(...)}``.
+
+    Returns:
+        ``(rows, summary)``: markdown rows (a range per row; a column per seed, then
+        mean ± std) and ``{range: {"objects", "rsv_change_%": ..., "dist_change_%": ...}}``
+        with ``summarize_seeds`` summaries.
+    """
+    seeds = list(points_by_seed)
+    by_range = {seed: {r["range"]: r for r in rows} for seed, rows in points_by_seed.items()}
+    ranges = [r["range"] for r in points_by_seed[seeds[0]]]
+    rows, summary = [], {}
+    for name in ranges:
+        per_seed = {}
+        for seed in seeds:
+            r = by_range[seed].get(name, {})
+            per_seed[seed] = {"rsv_change_%": change_percent(r.get("rsv_refined"),
+                                                             r.get("rsv_coarse")),
+                              "dist_change_%": change_percent(r.get("dist_refined"),
+                                                              r.get("dist_coarse"))}
+        stats = summarize_seeds(per_seed)
+        summary[name] = {"objects": by_range[seeds[0]][name].get("objects"), **stats}
+        row = {"range": name, "objects": summary[name]["objects"]}
+        for key, label in (("rsv_change_%", "RSV"), ("dist_change_%", "\\|o\\|")):
+            for seed, value in zip(seeds, stats[key]["values"]):
+                row[f"{label} seed {seed}"] = "-" if value is None else f"{value:+.1f}%"
+            row[f"{label} mean ± std"] = (
+                "-" if stats[key]["mean"] is None
+                else f"{stats[key]['mean']:+.1f} ± {stats[key]['std']:.1f}%")
+        rows.append(row)
+    return rows, summary
+
+
+def point_ap_dets(rows, image_ids, source="<predictions>"):
+    """Per-image detections in the format of ``evaluate_point_ap`` (one entry per image of
+    ``image_ids``, in that order; an image without rows is empty) from the rows of a
+    ``point_predictions.json`` (``image_id``, ``category_id``, ``point``, ``score``), in
+    their order, as the evaluator wrote them."""
+    index = {image_id: k for k, image_id in enumerate(image_ids)}
+    points = [[] for _ in image_ids]
+    scores = [[] for _ in image_ids]
+    classes = [[] for _ in image_ids]
+    for n, row in enumerate(rows):
+        try:
+            k = index[row["image_id"]]
+        except KeyError:
+            raise ValueError(f"{source}: row {n} is for image_id {row['image_id']!r}, which the "
+                             "test dataset does not have; rerun the stage that wrote it "
+                             "(--force <stage>)") from None
+        points[k].append(row["point"])
+        scores[k].append(row["score"])
+        classes[k].append(row["category_id"])
+    return [{"points": np.asarray(p, dtype=np.float64).reshape(-1, 2),
+             "scores": np.asarray(s, dtype=np.float32).reshape(-1),
+             "classes": np.asarray(c, dtype=np.int64).reshape(-1)}
+            for p, s, c in zip(points, scores, classes)]
+
+
+def point_ap_settings(config_yaml, metadata=None):
+    """The point-AP settings an evaluation ran with, for recomputing its AP@tau over the
+    range ``all``: ``{"size_range": (lo, hi), "max_dets", "clean"}`` from the
+    ``TEST.POINT_AP`` keys of the config a training wrote (``OUTPUT_DIR/config.yaml``),
+    with the dataset's metadata and then the defaults for empty keys, as
+    ``build_point_evaluator`` does. None when the size ranges have no range ``all``."""
+    import yaml
+
+    from cpr_d2.evaluation.point_ap import _resolve_size_ranges
+
+    keys = {}
+    if config_yaml and os.path.isfile(config_yaml):
+        with open(config_yaml, encoding="utf-8") as f:
+            keys = ((yaml.safe_load(f) or {}).get("TEST") or {}).get("POINT_AP") or {}
+    size_ranges = keys.get("SIZE_RANGES") or getattr(metadata, "size_ranges", None) or "coco"
+    max_dets = keys.get("MAX_DETS") or getattr(metadata, "max_dets", None) or 100
+    names, bounds = _resolve_size_ranges(size_ranges)
+    if "all" not in names:
+        return None
+    return {"size_range": bounds[names.index("all")], "max_dets": int(max_dets),
+            "clean": bool(keys.get("CLEAN", False))}

@@ -50,6 +50,23 @@ def test_every_output_exists_and_parses(pipeline_run):
             assert im.size[0] > 100 and im.size[1] > 100
 
 
+def test_the_localizer_table_shows_the_count_threshold(pipeline_run):
+    out, _ = pipeline_run
+    results = json.loads((out / "results.json").read_text())
+    md = (out / "results.md").read_text()
+    header = "| trained on | AP@0.5 | AP@1 | AP@2 | mAP | MAE | RMSE | count thresh |"
+    assert header in md
+    for row in results["localizers"]:
+        stage = {"coarse points": "p2p_coarse", "CPR-refined points": "p2p_refined",
+                 "true box centres": "p2p_centres"}[row["trained on"]]
+        metrics = json.loads((out / stage / "inference" / "pipeline_test" /
+                              "point_ap_metrics.json").read_text())
+        assert row["count threshold"] == metrics.get("count_threshold")
+        assert row["count threshold source"] == metrics.get("count_threshold_source")
+        cell = "n/a" if row["count threshold"] is None else f"{row['count threshold']:.4f}"
+        assert f"| {row['trained on']} |" in md and md.count(f"| {cell} |") >= 1
+
+
 def test_a_second_run_skips_every_stage(pipeline_run, capsys):
     out, run_pipeline = pipeline_run
     before = (out / "results.json").stat().st_mtime_ns
