@@ -61,10 +61,12 @@ def mapped(records, mapper):
     return out
 
 
-def train_on(model, records, steps):
-    """`steps` Adam steps (lr 1e-3) on pairs of `records` in turn, with random flips."""
+def train_on(model, records, steps, augmentations=None):
+    """`steps` Adam steps (lr 1e-3) on pairs of `records` in turn, with random flips (or
+    `augmentations`)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    train_mapper = PointDatasetMapper(True, augmentations=[T.RandomFlip(0.5)], image_format="BGR")
+    augmentations = [T.RandomFlip(0.5)] if augmentations is None else augmentations
+    train_mapper = PointDatasetMapper(True, augmentations=augmentations, image_format="BGR")
     n = len(records)
     for step in range(steps):
         batch = mapped([records[(2 * step) % n], records[(2 * step + 1) % n]], train_mapper)
