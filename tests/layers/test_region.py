@@ -145,10 +145,15 @@ def test_bag_gather_kernel_matches_reference(gen, dtype, case):
     b, c, h, w, s, n, r = case
     features, points, batch_idx, sizes = random_batch(b, c, h, w, s, n, gen, dtype=dtype)
     region = random_region(n, gen, 6 * s)
+    # The reference in float64: regions up to 20x the image put float32 bag coordinates
+    # near 1,500 px, whose rounding (1.2e-4 px) the float32 reference itself carries up
+    # to 1.5x TOL from the exact result, while the kernel stays within 0.75x (150 seeds).
+    exact = torch.float64
     assert_same_forward_backward(
-        lambda f: L.bag_gather_reference(f, points, batch_idx, sizes, r, s, region)[0], features,
-        lambda f: L.bag_gather(f, points, batch_idx, sizes, r, s, region)[0], features, gen,
-        TOL[dtype])
+        lambda f: L.bag_gather_reference(f, points.to(exact), batch_idx, sizes, r, s,
+                                         region.to(exact))[0], features.to(exact),
+        lambda f: L.bag_gather(f, points, batch_idx, sizes, r, s, region)[0].to(exact), features,
+        gen, dict(TOL[dtype], check_dtype=False))
     valid = L.bag_gather(features, points, batch_idx, sizes, r, s, region)[1]
     assert torch.equal(valid, L.bag_gather_reference(features, points, batch_idx, sizes, r, s,
                                                      region)[1])
