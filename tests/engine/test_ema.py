@@ -31,10 +31,10 @@ def test_average_by_hand_and_the_swap_at_the_last_iteration():
             d = min(0.5, (1 + it) / (10 + it))
             expected = d * expected + (1 - d) * v
     assert float(hook.average["weight"]) == pytest.approx(expected)
-    assert float(model.weight) == 3.0  # the raw weights until the end
+    assert model.weight.item() == 3.0  # the raw weights until the end
     _run(hook, model, values[3:], start=3)
     d = min(0.5, 4 / 13)
-    assert float(model.weight) == pytest.approx(d * expected + (1 - d) * 4.0)
+    assert model.weight.item() == pytest.approx(d * expected + (1 - d) * 4.0)
 
 
 def test_resumed_average_equals_the_uninterrupted_one():
