@@ -18,9 +18,15 @@ from detectron2.structures import Boxes, BoxMode, Instances
 
 from .augment import point_augmentations
 
-__all__ = ["PointDatasetMapper", "annotations_to_point_instances"]
+__all__ = ["PointDatasetMapper", "annotations_to_point_instances", "count_objects"]
 
 logger = logging.getLogger(__name__)
+
+
+def count_objects(annotations):
+    """The number of annotated objects of a record's annotations (crowd regions not
+    counted); None counts as no annotations."""
+    return sum(1 for a in annotations or () if not a.get("iscrowd", 0))
 
 
 def _points_on_image(points, height, width):
@@ -117,7 +123,7 @@ class PointDatasetMapper:
                 f"INPUT.MAX_IMAGE_PIXELS = {self.max_image_pixels:,}; tile the image into "
                 "smaller ones, or raise the limit if the machine has the memory (about 30 "
                 "bytes per pixel)")
-        count = sum(1 for a in dataset_dict.get("annotations") or () if not a.get("iscrowd", 0))
+        count = count_objects(dataset_dict.get("annotations"))
         if self.with_annotations and self.max_points_per_image and count > self.max_points_per_image:
             raise ValueError(
                 f"{where}: {count:,} annotated points is more than DATASETS.MAX_POINTS_PER_IMAGE"

@@ -16,6 +16,8 @@ from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from cpr_d2.data.mapper import count_objects
+
 __all__ = ["CountCalibrationHook", "calibrate_count_threshold", "choose_count_threshold"]
 
 logger = logging.getLogger(__name__)
@@ -50,8 +52,7 @@ def calibrate_count_threshold(model, data_loader, dataset_dicts):
     """Predict every image of `data_loader` (a test loader over `dataset_dicts`, sharded
     over the processes), choose the threshold (choose_count_threshold) on all of them,
     store it in model.count_threshold, and return (threshold, mae, number of images)."""
-    counts = {d["image_id"]: sum(1 for a in d.get("annotations") or () if not a.get("iscrowd", 0))
-              for d in dataset_dicts}
+    counts = {d["image_id"]: count_objects(d.get("annotations")) for d in dataset_dicts}
     was_training = model.training
     model.eval()
     mine = []

@@ -283,14 +283,14 @@ def point_ap_settings(config_yaml, metadata=None):
     ``build_point_evaluator`` does. None when the size ranges have no range ``all``."""
     import yaml
 
+    from cpr_d2.evaluation.evaluator import point_ap_size_ranges_and_max_dets
     from cpr_d2.evaluation.point_ap import _resolve_size_ranges
 
     keys = {}
     if config_yaml and os.path.isfile(config_yaml):
         with open(config_yaml, encoding="utf-8") as f:
             keys = ((yaml.safe_load(f) or {}).get("TEST") or {}).get("POINT_AP") or {}
-    size_ranges = keys.get("SIZE_RANGES") or getattr(metadata, "size_ranges", None) or "coco"
-    max_dets = keys.get("MAX_DETS") or getattr(metadata, "max_dets", None) or 100
+    size_ranges, max_dets = point_ap_size_ranges_and_max_dets(keys, metadata)
     names, bounds = _resolve_size_ranges(size_ranges)
     if "all" not in names:
         return None

@@ -30,10 +30,10 @@ from cpr_d2.data import PointDatasetMapper, register_point_coco, set_outside_ima
 from cpr_d2.data.samplers import ResumableTrainingSampler, build_resumable_train_loader
 from cpr_d2.evaluation import build_point_evaluator
 from cpr_d2.evaluation.cpr_evaluator import CPREvaluator
+from cpr_d2.utils.io import atomic_path, write_text_atomic
 
 from .count_calibration import CountCalibrationHook
 from .ema import EMAHook
-from cpr_d2.utils.io import atomic_path, write_text_atomic
 
 __all__ = ["AtomicCheckpointer", "Trainer", "setup_cfg", "is_cpr", "register_point_jsons"]
 

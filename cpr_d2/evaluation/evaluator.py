@@ -166,7 +166,6 @@ class PointAPEvaluator(DatasetEvaluator):
         self._predictions = []
         self._model_threshold = None  # a counting threshold the model carries
 
-
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
             instances = out["instances"]
@@ -278,18 +277,27 @@ class PointAPEvaluator(DatasetEvaluator):
             self._logger.info(f"Per-category point AP (mean over taus, range 'all'):\n{table}")
 
 
+def point_ap_size_ranges_and_max_dets(keys, metadata):
+    """(size_ranges, max_dets) of TEST.POINT_AP `keys` (a config node, or the dict of a
+    config.yaml): an empty SIZE_RANGES or a zero MAX_DETS takes the dataset's metadata
+    (`size_ranges`, `max_dets`), then the COCO defaults."""
+    return (keys.get("SIZE_RANGES") or getattr(metadata, "size_ranges", "coco"),
+            keys.get("MAX_DETS") or getattr(metadata, "max_dets", 100))
+
+
 def build_point_evaluator(cfg, dataset_name, output_dir=None, distributed=True):
     """A PointAPEvaluator configured by cfg.TEST.POINT_AP; empty or zero keys take the
     dataset's metadata (`size_ranges`, `max_dets`), then the COCO defaults."""
     keys = cfg.TEST.POINT_AP
     metadata = MetadataCatalog.get(dataset_name)
+    size_ranges, max_dets = point_ap_size_ranges_and_max_dets(keys, metadata)
     return PointAPEvaluator(
         dataset_name,
         distributed=distributed,
         output_dir=output_dir,
         taus=tuple(keys.TAUS),
-        size_ranges=keys.SIZE_RANGES or getattr(metadata, "size_ranges", "coco"),
-        max_dets=keys.MAX_DETS or getattr(metadata, "max_dets", 100),
+        size_ranges=size_ranges,
+        max_dets=max_dets,
         clean=keys.CLEAN,
         count_score_thresh=keys.COUNT_SCORE_THRESH,
     )
