@@ -28,6 +28,12 @@ def add_point_data_config(cfg):
     # C = 80: 190 kB), P2PNet a row of the matching cost.
     cfg.INPUT.MAX_IMAGE_PIXELS = 100_000_000
     cfg.DATASETS.MAX_POINTS_PER_IMAGE = 10_000
+    # How images of more than 8 bits per sample (16-bit PNG/TIFF, 32-bit integer and
+    # float TIFF) become 0..255 (cpr_d2/data/image_io.py); 8-bit images are read
+    # unchanged. "percentile": per image, the 0.5th and 99.5th percentiles map to 0 and
+    # 255, clipped. "range": the type's full range (0..65535 for 16-bit; a float
+    # image's min..max). NaN and inf pixels map to 0; a constant image maps to 0.
+    cfg.INPUT.NORMALIZE = "percentile"
 
     # The point-AP evaluator (the paper's metric; see the README, "Evaluation").
     cfg.TEST.POINT_AP = CN()
@@ -91,7 +97,8 @@ def add_cpr_config(cfg):
     if "CPR" in cfg.MODEL:
         return cfg
     cfg.MODEL.CPR = CN()
-    cfg.MODEL.CPR.NUM_CLASSES = 80
+    # 0: the training datasets' class count (cpr_d2.data.classes.resolve_num_classes).
+    cfg.MODEL.CPR.NUM_CLASSES = 0
     # Bag radius R in rings: ring k = 1..R has 8k points at k * stride pixels
     # (R = 8 COCO, 7 DOTA, 5 SeaPerson). R * stride should be about an object's radius.
     cfg.MODEL.CPR.RADIUS = 8
@@ -160,7 +167,8 @@ def add_p2pnet_config(cfg):
     if "P2PNET" in cfg.MODEL:
         return cfg
     cfg.MODEL.P2PNET = CN()
-    cfg.MODEL.P2PNET.NUM_CLASSES = 80
+    # 0: the training datasets' class count (cpr_d2.data.classes.resolve_num_classes).
+    cfg.MODEL.P2PNET.NUM_CLASSES = 0
     # Anchor points per feature cell: ROWS x COLS, spread evenly over the cell
     # (offset ((k + 0.5) / n - 0.5) * stride from its centre); 1 x 1 = the cell
     # centre, 2 x 2 = the original P2PNet's +-stride/4.

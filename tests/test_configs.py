@@ -7,6 +7,7 @@ import torch
 from detectron2.modeling import build_model
 
 from cpr_d2.config import get_cpr_d2_cfg
+from cpr_d2.data.classes import class_count_key, resolve_num_classes
 
 CONFIGS = sorted(p for p in glob.glob("configs/**/*.yaml", recursive=True)
                  if not p.split("/")[-1].startswith("Base-"))
@@ -22,6 +23,10 @@ def test_config_builds_its_model(path):
     cfg.merge_from_file(path)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
+    node, _ = class_count_key(cfg)
+    if node.NUM_CLASSES == 0:  # from the training data (the forest configs)
+        resolve_num_classes(cfg, training=True)
+        assert node.NUM_CLASSES == 1
     model = build_model(cfg)
     assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE
     if cfg.MODEL.META_ARCHITECTURE == "P2PNet":

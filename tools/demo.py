@@ -43,7 +43,6 @@ import re
 import sys
 import uuid
 from collections import namedtuple
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -54,10 +53,10 @@ from detectron2.data.catalog import Metadata
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
-from PIL import Image
 
 import cpr_d2  # noqa: F401  (registers datasets and models)
-from cpr_d2.data import PointDatasetMapper, register_point_coco
+from cpr_d2.data import PointDatasetMapper, image_io, register_point_coco
+from cpr_d2.data.classes import checkpoint_classes, class_count_key
 from cpr_d2.engine import load_inference_weights, setup_cfg
 from cpr_d2.modeling.p2pnet import point_nms
 from cpr_d2.utils.io import save_image_atomic
@@ -167,31 +166,26 @@ def output_paths(inputs, output_dir, suffix=".png"):
     return outputs
 
 
-@contextmanager
-def _no_pixel_limit():
-    """PIL refuses images over ~179 Mpixel as decompression bombs; the demo takes any size."""
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+def read_image(path, image_format, max_pixels=image_io.DEFAULT_MAX_PIXELS,
+               normalize="percentile"):
+    """An HWC uint8 image in `image_format`, read as training reads it
+    (cpr_d2.data.image_io.read_image): grey, RGBA and palette files converted, 16-bit and
+    float images scaled to 0..255 by `normalize` (INPUT.NORMALIZE). An image of more than
+    `max_pixels` pixels (INPUT.MAX_IMAGE_PIXELS; 0 = no limit) is refused from its header,
+    before it is decoded; the error says to raise the limit with a config override on the
+    command line (e.g. INPUT.MAX_IMAGE_PIXELS 400000000). Images within the limit but
+    larger than --max-size are predicted in tiles. Errors name the file."""
+    return image_io.read_image(path, format=image_format, max_pixels=max_pixels,
+                               normalize=normalize)
 
 
-def read_image(path, image_format):
-    """An HWC uint8 image in `image_format`; grayscale, RGBA and palette files are
-    converted. Errors name the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such image file")
-    try:
-        with _no_pixel_limit():
-            image = utils.read_image(path, format=image_format)
-    except Exception as e:  # PIL raises several types for unreadable files
-        raise ValueError(f"cannot read the image {path} ({type(e).__name__}: {e}); is it an "
-                         "image file?") from None
-    if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"cannot read the image {path}: unexpected shape {image.shape}")
-    return image
+def check_headers(paths, max_pixels=image_io.DEFAULT_MAX_PIXELS):
+    """Refuse, from their headers alone, the files read_image would refuse before decoding
+    (missing, not an image, more than `max_pixels` pixels): run on the inputs named
+    explicitly, whose errors are fatal, before the model is loaded."""
+    for path in paths:
+        width, height, _ = image_io.image_header(path)
+        image_io.check_pixel_limit(path, width, height, max_pixels)
 
 
 def write_image(rgb, path):
@@ -282,14 +276,17 @@ def _tiling_note(name, height, width, max_size):
 
 
 def demo_metadata(cfg, dataset=None):
-    """The dataset's metadata; class names 'class k' when it has none."""
+    """The class names to label points with: those the model was trained on (stored in
+    its checkpoint), else the dataset's, else 'class k'."""
     name = dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+    trained = checkpoint_classes(cfg.MODEL.WEIGHTS)
+    if trained is not None:
+        return Metadata(name=name, thing_classes=list(trained.names))
     meta = MetadataCatalog.get(name)
     if getattr(meta, "thing_classes", None):
         return meta
-    heads = cfg.MODEL.CPR if cfg.MODEL.META_ARCHITECTURE == "CPRNet" else cfg.MODEL.P2PNET
-    count = int(heads.NUM_CLASSES)
-    return Metadata(name=name, thing_classes=[f"class {k}" for k in range(count)])
+    node, _ = class_count_key(cfg)
+    return Metadata(name=name, thing_classes=[f"class {k}" for k in range(int(node.NUM_CLASSES))])
 
 
 def draw_predictions(rgb, metadata, instances, threshold):
@@ -311,7 +308,8 @@ def run_p2p_images(cfg, model, inputs, output_dir, args):
     metadata = demo_metadata(cfg)
     for (path, explicit), out in zip(inputs, outputs):
         try:
-            image = read_image(path, cfg.INPUT.FORMAT)
+            image = read_image(path, cfg.INPUT.FORMAT, cfg.INPUT.MAX_IMAGE_PIXELS,
+                               cfg.INPUT.NORMALIZE)
         except (OSError, ValueError) as e:
             if explicit:
                 raise
@@ -469,7 +467,8 @@ def run_cpr(cfg, model, chosen, outputs, metadata):
     written, failed = [], []
     for (record, explicit), out in zip(chosen, outputs):
         try:
-            image = read_image(record["file_name"], "RGB")
+            image = read_image(record["file_name"], "RGB", cfg.INPUT.MAX_IMAGE_PIXELS,
+                               cfg.INPUT.NORMALIZE)
             mapped = mapper(record)
         except (OSError, ValueError) as e:
             if explicit:
@@ -507,9 +506,12 @@ def main(args):
     if cpr:
         chosen, metadata, failed = select_cpr_records(cfg, args)
         outputs = output_paths([r["file_name"] for r, _ in chosen], output_dir)
+        check_headers([r["file_name"] for r, explicit in chosen if explicit],
+                      cfg.INPUT.MAX_IMAGE_PIXELS)
     else:
         inputs, failed = resolve_inputs(args.input), []
         output_paths([p for p, _ in inputs], output_dir)
+        check_headers([p for p, explicit in inputs if explicit], cfg.INPUT.MAX_IMAGE_PIXELS)
     model = load_model(cfg)
     if not cpr and args.confidence_threshold is None:
         calibrated = float(getattr(model, "count_threshold", torch.tensor(-1.0)))

@@ -66,6 +66,8 @@ LOCALIZERS = {"p2p_coarse": ("coarse points", "pipeline_coarse"),
 _PROGRESS = re.compile(r"eta: |copypaste: |Error|error: |^refined \d+ of|WARNING|Traceback|"
                        r"^\| |semantic variance|^\s*(all|<|>=)")
 QUICK_ITERS = {"cpr": 200, "p2p": 150}
+# The settings of a run directory written before the overrides were recorded.
+NO_OVERRIDES = {"opts": [], "cpr_opts": [], "p2p_opts": []}
 FULL_ITERS = {"cpr": 1500, "p2p": 1200}
 
 
@@ -108,7 +110,66 @@ def build_parser():
     p.add_argument("--force", nargs="+", default=[], metavar="STAGE",
                    help=f"rerun these stages and what depends on them: {', '.join(STAGES)}, all")
     p.add_argument("--vis-images", type=int, default=2, help="test images to draw")
+    p.add_argument("--cpr-opt", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="a config override of the CPRNet stages only (cpr, refine); repeatable")
+    p.add_argument("--p2p-opt", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="a config override of the P2PNet stages only; repeatable")
+    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                   help="config overrides of every training and refinement stage, after the "
+                        "other options, e.g. SOLVER.BASE_LR 0.0005 INPUT.NORMALIZE range")
     return p
+
+
+# Keys the pipeline sets itself: an override would break it; the message says what to use.
+PIPELINE_KEYS = {
+    "OUTPUT_DIR": "--output", "DATASETS.TRAIN": "--train-dataset",
+    "DATASETS.TEST": "--test-dataset", "DATASETS.POINT_JSONS": "--point-json",
+    "SEED": "--seed / --seeds", "MODEL.WEIGHTS": "nothing (each stage trains its model)",
+    "MODEL.DEVICE": "--device", "SOLVER.MAX_ITER": "--cpr-iters / --p2p-iters",
+    "DATALOADER.NUM_WORKERS": "--num-workers",
+}
+
+
+def check_overrides(p, args):
+    """Refuse malformed KEY VALUE overrides and keys the pipeline sets itself, then merge
+    each stage's overrides into its config here, so that a misspelt key or a bad value
+    stops the run before any stage starts (with the config file and the key named)."""
+    args.opts_words = len(args.opts)  # the tail of argv they came from
+    if args.opts and args.opts[0] == "--":
+        args.opts = args.opts[1:]
+    if len(args.opts) % 2:
+        p.error(f"config overrides come in KEY VALUE pairs; got {len(args.opts)} words "
+                f"({' '.join(args.opts)})")
+    pairs = {"every stage": list(zip(args.opts[0::2], args.opts[1::2])),
+             "--cpr-opt": [tuple(o) for o in args.cpr_opt],
+             "--p2p-opt": [tuple(o) for o in args.p2p_opt]}
+    for where, items in pairs.items():
+        for key, _ in items:
+            if key.startswith("-"):
+                p.error(f"{where}: '{key}' is not a config key; options (--...) go before the "
+                        "KEY VALUE overrides")
+            if key in PIPELINE_KEYS:
+                p.error(f"{where}: {key} is set by the pipeline itself; use {PIPELINE_KEYS[key]}")
+    return pairs
+
+
+def validate_stage_configs(args):
+    """Merge every stage's config file and overrides as train_net would (errors name the
+    file or the override)."""
+    import cpr_d2  # noqa: F401
+    from cpr_d2.config import get_cpr_d2_cfg
+    from cpr_d2.engine.trainer import _merge
+
+    for config, extra in ((args.cpr_config, args.cpr_opt), (args.p2p_config, args.p2p_opt)):
+        if not os.path.isfile(config):
+            raise SystemExit(f"run_pipeline: config file not found: {config}")
+        cfg = get_cpr_d2_cfg()
+        _merge(cfg, lambda: cfg.merge_from_file(config), config)
+        opts = list(args.opts) + [v for pair in extra for v in pair]
+        try:
+            _merge(cfg, lambda: cfg.merge_from_list(opts), f"override of {config}")
+        except (KeyError, ValueError) as e:
+            raise SystemExit(f"run_pipeline: {str(e).strip(chr(34) + chr(39))}") from None
 
 
 def parse_args(argv=None):
@@ -133,6 +194,7 @@ def parse_args(argv=None):
                     f"for one seed use --seed {args.seeds[0]}")
     if args.bootstrap_samples < 1:
         p.error("--bootstrap-samples must be >= 1")
+    check_overrides(p, args)
     if args.seed is None:
         args.seed = 0
     return args
@@ -228,6 +290,8 @@ class Run:
             "coarse_seed": args.coarse_seed, "coarse_noise": args.coarse_noise,
             "subset": args.subset, "cpr_iters": self.cpr_iters, "p2p_iters": self.p2p_iters,
             "device": args.device, "quick": args.quick,
+            "opts": list(args.opts), "cpr_opts": [list(o) for o in args.cpr_opt],
+            "p2p_opts": [list(o) for o in args.p2p_opt],
         }
 
     # ---- state ---------------------------------------------------------------------
@@ -239,7 +303,7 @@ class Run:
         if not os.path.isfile(self.state_path):
             return None
         state = read_json(self.state_path, "pipeline state")
-        old = state.get("settings", {})
+        old = {**NO_OVERRIDES, **state.get("settings", {})}
         if "seeds" in old:
             raise SystemExit(
                 f"run_pipeline: {self.out} holds a --seeds run (seeds {old['seeds']}, one "
@@ -357,6 +421,11 @@ class Run:
         write_derived_json(train, self.derived["pipeline_coarse"][0])
         write_derived_json(centres_json(train, self.train_json), self.derived["pipeline_centres"][0])
 
+    def overrides(self, config):
+        """The user's KEY VALUE overrides of a stage run with `config`."""
+        own = self.args.cpr_opt if config == self.args.cpr_config else self.args.p2p_opt
+        return list(self.args.opts) + [v for pair in own for v in pair]
+
     def train_cmd(self, config, out_dir, train_name, test_names, iters, extra=()):
         steps = f"({max(1, int(0.8 * iters))},)"
         cmd = [sys.executable, os.path.join(_REPO, "tools", "train_net.py"), "--config-file", config,
@@ -367,7 +436,7 @@ class Run:
                "SOLVER.CHECKPOINT_PERIOD", str(max(50, iters // 5)),
                "MODEL.DEVICE", self.args.device,
                "DATALOADER.NUM_WORKERS", str(self.args.num_workers)]
-        return cmd + self.point_jsons_opt() + list(extra)
+        return cmd + self.point_jsons_opt() + self.overrides(config) + list(extra)
 
     def stage_cpr(self):
         self.run_cmd("cpr", self.train_cmd(self.args.cpr_config, self.path("cpr"), "pipeline_coarse",
@@ -379,7 +448,7 @@ class Run:
                self.path("refined.json"), "MODEL.WEIGHTS", self.path("cpr", "model_final.pth"),
                "OUTPUT_DIR", self.path("cpr"), "MODEL.DEVICE", self.args.device,
                "DATALOADER.NUM_WORKERS", str(self.args.num_workers)] + self.point_jsons_opt()
-        self.run_cmd("refine", cmd)
+        self.run_cmd("refine", cmd + self.overrides(self.args.cpr_config))
 
     def metrics_path(self, stage):
         return self.path(stage, "inference", self.test_name, "point_ap_metrics.json")
@@ -548,6 +617,7 @@ class Run:
         from PIL import Image
 
         from cpr_d2.engine.pipeline import read_json
+        from cpr_d2.evaluation.evaluator import prediction_class_indices
         from cpr_d2.utils.io import save_image_atomic
         from cpr_d2.utils.visualizer import PointVisualizer
 
@@ -574,8 +644,10 @@ class Run:
         preds = {}
         for stage in LOCALIZERS:
             by_image = {}
-            for row in read_json(self.predictions_path(stage), f"{stage} predictions"):
-                by_image.setdefault(row["image_id"], []).append(row)
+            rows = read_json(self.predictions_path(stage), f"{stage} predictions")
+            classes = prediction_class_indices(rows, self.test_name, self.predictions_path(stage))
+            for row, c in zip(rows, classes):
+                by_image.setdefault(row["image_id"], []).append(dict(row, category_id=c))
             preds[stage] = by_image
         for record in test:
             image = np.asarray(Image.open(record["file_name"]).convert("RGB"))
@@ -621,7 +693,9 @@ class SeedsRun:
             one = copy.copy(args)
             one.seed, one.seeds = seed, None
             one.output = os.path.join(self.out, f"seed_{seed}")
-            one.argv = single_seed_argv(args.argv, seed, os.path.join(shown, f"seed_{seed}"))
+            tail = len(args.argv) - args.opts_words  # the overrides stay last
+            one.argv = single_seed_argv(args.argv[:tail], seed, os.path.join(
+                shown, f"seed_{seed}")) + args.argv[tail:]
             self.runs.append(Run(one))
         self.settings = {k: v for k, v in self.runs[0].settings.items() if k != "seed"}
         self.settings["seeds"] = list(args.seeds)
@@ -642,7 +716,7 @@ class SeedsRun:
         state = None
         if os.path.isfile(self.state_path):
             state = read_json(self.state_path, "pipeline state")
-            old = state.get("settings", {})
+            old = {**NO_OVERRIDES, **state.get("settings", {})}
             if "seeds" not in old:
                 raise SystemExit(
                     f"run_pipeline: {self.out} holds a single-seed run (seed {old.get('seed')}); "
@@ -710,7 +784,7 @@ class SeedsRun:
         for run in self.runs:
             dets = {stage: point_ap_dets(read_json(run.predictions_path(stage),
                                                    f"{stage} predictions"),
-                                         image_ids, run.predictions_path(stage))
+                                         image_ids, run.predictions_path(stage), test_name)
                     for stage in ("p2p_coarse", "p2p_refined")}
             triples.append((gts, dets["p2p_coarse"], dets["p2p_refined"]))
         samples = self.args.bootstrap_samples
@@ -836,6 +910,7 @@ class SeedsRun:
 
 def main(argv=None):
     args = parse_args(argv)
+    validate_stage_configs(args)
     if args.seeds is not None:
         return SeedsRun(args).main()
     return Run(args).main()

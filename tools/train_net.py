@@ -18,7 +18,7 @@ from cpr_d2.engine.launch import add_launch_arguments, launch_from_args
 
 
 def main(args):
-    cfg = setup_cfg(args)
+    cfg = setup_cfg(args, training=not args.eval_only)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)

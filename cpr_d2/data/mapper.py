@@ -17,6 +17,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
 
 from .augment import point_augmentations
+from .image_io import ImageReadError, PixelLimitError, check_normalize, read_image
 
 __all__ = ["PointDatasetMapper", "annotations_to_point_instances", "count_objects"]
 
@@ -77,17 +78,22 @@ class PointDatasetMapper:
 
     @configurable
     def __init__(self, is_train, *, augmentations, image_format="BGR", with_annotations=None,
-                 max_image_pixels=0, max_points_per_image=0):
+                 max_image_pixels=0, max_points_per_image=0, normalize="percentile"):
         """
         Args:
             is_train: training mode (only used for the default of with_annotations).
             augmentations: detectron2 augmentations applied in order.
-            image_format: format for detectron2's read_image ("BGR", "RGB", ...).
+            image_format: format of the image, as for detectron2's read_image ("BGR",
+                "RGB", ...); files are decoded by cpr_d2.data.image_io.read_image.
             with_annotations: attach "instances"; default: is_train. CPRNet's
                 refinement (inference on annotated images) needs them.
             max_image_pixels, max_points_per_image: refuse larger images / more
                 annotated points with a clear error (0 = no limit;
-                INPUT.MAX_IMAGE_PIXELS and DATASETS.MAX_POINTS_PER_IMAGE).
+                INPUT.MAX_IMAGE_PIXELS and DATASETS.MAX_POINTS_PER_IMAGE). The pixel
+                limit is checked from the record's height/width and again from the
+                file's header, both before the image is decoded.
+            normalize: how images of more than 8 bits per sample (16-bit, float) become
+                0..255: "percentile" or "range" (INPUT.NORMALIZE; see image_io).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -95,6 +101,7 @@ class PointDatasetMapper:
         self.with_annotations = is_train if with_annotations is None else with_annotations
         self.max_image_pixels = int(max_image_pixels)
         self.max_points_per_image = int(max_points_per_image)
+        self.normalize = check_normalize(normalize)
         logger.info("[PointDatasetMapper] augmentations (%s): %s",
                     "train" if is_train else "test", augmentations)
 
@@ -113,6 +120,7 @@ class PointDatasetMapper:
             "with_annotations": with_annotations,
             "max_image_pixels": cfg.INPUT.MAX_IMAGE_PIXELS,
             "max_points_per_image": cfg.DATASETS.MAX_POINTS_PER_IMAGE,
+            "normalize": cfg.INPUT.NORMALIZE,
         }
 
     def _check_limits(self, dataset_dict, height, width):
@@ -132,15 +140,24 @@ class PointDatasetMapper:
 
     def _read_image(self, dataset_dict):
         file_name = dataset_dict["file_name"]
+        image_id = dataset_dict.get("image_id")
         try:
-            image = utils.read_image(file_name, format=self.image_format)
+            # The pixel limit is checked from the file's header, before decoding.
+            image = read_image(file_name, format=self.image_format,
+                               max_pixels=self.max_image_pixels, normalize=self.normalize)
         except FileNotFoundError:
             raise FileNotFoundError(
-                f"image of image id {dataset_dict.get('image_id')!r} not found: {file_name}; "
+                f"image of image id {image_id!r} not found: {file_name}; "
                 "check the dataset's image root") from None
-        except Exception as e:  # PIL raises several types for broken files
+        except PixelLimitError as e:  # names the file, its size, the limit and the key
+            raise ValueError(f"image id {image_id!r}: {e}") from None
+        except ImageReadError as e:
             raise ValueError(
-                f"cannot read the image of image id {dataset_dict.get('image_id')!r}: "
+                f"cannot read the image of image id {image_id!r}: "
+                f"{file_name} ({e.reason}); is it a complete image file?") from None
+        except Exception as e:  # anything else of the file system or the decoder
+            raise ValueError(
+                f"cannot read the image of image id {image_id!r}: "
                 f"{file_name} ({type(e).__name__}: {e}); is it a complete image file?") from None
         try:
             utils.check_image_size(dataset_dict, image)

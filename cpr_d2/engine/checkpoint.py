@@ -1,16 +1,28 @@
-"""Loading trained weights for inference (evaluation, refinement, the demo), strictly.
+"""Loading trained weights for inference (evaluation, refinement, the demo), strictly;
+and finding the checkpoint that --resume continues from.
 
 detectron2's checkpointer loads whatever matches and only logs the rest, which is
 right when fine-tuning from ImageNet weights but turns a wrong MODEL.WEIGHTS at
 inference into a silently untrained model. Here every weight of the model must
 come from the file.
+
+Resuming: detectron2 loads the checkpoint OUTPUT_DIR/last_checkpoint names and
+fails with torch's own error when that file is damaged (cut short by a full disk
+or a copy, empty, not a torch file). Here the damaged file is reported, kept as
+it is, and the run goes on from the newest earlier model_<iteration>.pth that can
+be read (:func:`resume_checkpoint_file`).
 """
+import logging
 import os
+import re
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["load_inference_weights"]
+__all__ = ["DamagedCheckpointError", "load_inference_weights", "resume_checkpoint_file",
+           "resume_or_load_checkpoint"]
+
+logger = logging.getLogger(__name__)
 
 
 def _checkpoint_state(path):
@@ -63,3 +75,114 @@ def load_inference_weights(model, path, arch=None):
                 "config (same META_ARCHITECTURE, NUM_CLASSES, backbone and head sizes)")
     DetectionCheckpointer(model).load(path)
     return model
+
+
+# The periodic checkpoints of detectron2's PeriodicCheckpointer: model_0000123.pth.
+_PERIODIC = re.compile(r"^model_(\d+)\.pth$")
+_TAG = "last_checkpoint"
+
+
+class DamagedCheckpointError(ValueError):
+    """--resume found no readable checkpoint to continue from; the message names the
+    damaged file and how to go on."""
+
+
+def _read_problem(checkpointer, path):
+    """None when `checkpointer` can read `path` as a checkpoint with model weights, else
+    what is wrong with it. Reads the whole file (as loading it will)."""
+    if not os.path.isfile(path):
+        return "the file does not exist"
+    if os.path.getsize(path) == 0:
+        return "the file is empty (0 bytes)"
+    try:
+        data = checkpointer._load_file(path)  # the reader its load() uses
+    except MemoryError:
+        raise
+    except Exception as e:  # torch raises several types for cut-short or foreign files
+        return (f"torch cannot read it, it is cut short or no torch file: {type(e).__name__}: "
+                f"{_first_sentence(e)}")
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        return "it holds no model weights"
+    return None
+
+
+def _first_sentence(error):
+    text = (str(error).strip().splitlines() or [""])[0]
+    return text.split(". ")[0][:200]
+
+
+def _periodic_before(save_dir, tagged):
+    """The model_<iteration>.pth of save_dir written before `tagged` (all of them when
+    `tagged` is no periodic checkpoint, e.g. model_final.pth), newest first."""
+    match = _PERIODIC.match(os.path.basename(tagged)) if tagged else None
+    before = int(match.group(1)) if match else None
+    found = []
+    for name in os.listdir(save_dir):
+        m = _PERIODIC.match(name)
+        if m and (before is None or int(m.group(1)) < before):
+            found.append((int(m.group(1)), os.path.join(save_dir, name)))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def resume_checkpoint_file(checkpointer):
+    """The checkpoint --resume continues from: the one save_dir/last_checkpoint names,
+    when it can be read; else, with a warning naming it, the newest model_<iteration>.pth
+    written before it that can be read. The damaged file is left as it is. "" when
+    save_dir has no last_checkpoint (nothing to resume).
+
+    Raises DamagedCheckpointError when no checkpoint can be read; the message names the
+    damaged file and says how to go on."""
+    save_dir = checkpointer.save_dir
+    if not checkpointer.has_checkpoint():
+        return ""
+    if "://" in save_dir:  # not a local folder: detectron2's behaviour
+        return checkpointer.get_checkpoint_file()
+    tag = os.path.join(save_dir, _TAG)
+    try:
+        with open(tag, encoding="utf-8") as f:
+            name = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if name and os.path.basename(name) == name:
+        tagged = os.path.join(save_dir, name)
+        problem = _read_problem(checkpointer, tagged)
+        if problem is None:
+            return tagged
+    else:
+        tagged, name = tag, None
+        problem = "it names no checkpoint file"
+    tried = []
+    for path in _periodic_before(save_dir, name):
+        why = _read_problem(checkpointer, path)
+        if why is None:
+            logger.warning(
+                "--resume: the last checkpoint %s cannot be read (%s); resuming from %s, the "
+                "newest earlier checkpoint that can (the iterations after it are trained "
+                "again). %s is left as it is, until the run writes it again.", tagged, problem,
+                path, tagged)
+            return path
+        tried.append(f"{os.path.basename(path)}: {why}")
+        logger.warning("--resume: the earlier checkpoint %s cannot be read either (%s)", path, why)
+    earlier = (f"nor can any earlier one ({'; '.join(tried)})" if tried else
+               "and there is no earlier model_<iteration>.pth in the folder")
+    damaged = tag if tagged == tag else f"{tagged} and {tag}"
+    raise DamagedCheckpointError(
+        f"cannot resume from {save_dir}: its last checkpoint {tagged} cannot be read "
+        f"({problem}), {earlier}. To start over, run without --resume: training starts from "
+        "MODEL.WEIGHTS (pass MODEL.WEIGHTS <file> for other weights, e.g. a copy of a good "
+        f"checkpoint) and writes over the checkpoints in {save_dir}; or delete {damaged} "
+        "first. The damaged file is left as it is")
+
+
+def resume_or_load_checkpoint(checkpointer, weights, *, resume=True):
+    """detectron2's Checkpointer.resume_or_load, resuming from
+    :func:`resume_checkpoint_file`: with `resume` and a last checkpoint in save_dir,
+    load it with every checkpointable (optimiser, scheduler, iteration); otherwise load
+    the model weights of `weights` (MODEL.WEIGHTS) only. Returns the checkpoint resumed
+    from, or None when it loaded `weights`."""
+    path = resume_checkpoint_file(checkpointer) if resume else ""
+    if path:
+        checkpointer.load(path)
+        return path
+    checkpointer.load(weights, checkpointables=[])
+    return None

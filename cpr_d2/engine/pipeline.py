@@ -250,11 +250,17 @@ def seeds_training_rows(points_by_seed):
     return rows, summary
 
 
-def point_ap_dets(rows, image_ids, source="<predictions>"):
+def point_ap_dets(rows, image_ids, source="<predictions>", dataset_name=None):
     """Per-image detections in the format of ``evaluate_point_ap`` (one entry per image of
     ``image_ids``, in that order; an image without rows is empty) from the rows of a
     ``point_predictions.json`` (``image_id``, ``category_id``, ``point``, ``score``), in
-    their order, as the evaluator wrote them."""
+    their order, as the evaluator wrote them. Their ``category_id`` is registered dataset
+    ``dataset_name``'s id, mapped to the class index; without a dataset, the index."""
+    if dataset_name is not None:
+        from cpr_d2.evaluation.evaluator import prediction_class_indices
+
+        indices = prediction_class_indices(rows, dataset_name, source)
+        rows = [dict(row, category_id=c) for row, c in zip(rows, indices)]
     index = {image_id: k for k, image_id in enumerate(image_ids)}
     points = [[] for _ in image_ids]
     scores = [[] for _ in image_ids]

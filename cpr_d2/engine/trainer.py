@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import weakref
 from collections.abc import Mapping
 
@@ -27,6 +28,8 @@ from detectron2.utils.logger import setup_logger
 
 from cpr_d2.config import get_cpr_d2_cfg
 from cpr_d2.data import PointDatasetMapper, register_point_coco, set_outside_image_policy
+from cpr_d2.data.classes import (ClassListCheckpointable, class_count_key, dataset_classes,
+                                 resolve_num_classes, training_classes)
 from cpr_d2.data.samplers import ResumableTrainingSampler, build_resumable_train_loader
 from cpr_d2.evaluation import build_point_evaluator
 from cpr_d2.evaluation.cpr_evaluator import CPREvaluator
@@ -143,6 +146,10 @@ class Trainer(DefaultTrainer):
         for hook in self._hooks:
             if isinstance(hook, hooks.PeriodicCheckpointer) and hook.checkpointer is old:
                 hook.checkpointer = self.checkpointer
+        # Every checkpoint names the classes the model learns (the demo labels with them).
+        if cfg.DATASETS.TRAIN:
+            self.checkpointer.checkpointables["classes"] = ClassListCheckpointable(
+                training_classes(tuple(cfg.DATASETS.TRAIN)))
         if comm.is_main_process():  # the only process that saves
             self.checkpointer.remove_stale_temporaries()
         self._resumed_from = None
@@ -161,9 +168,14 @@ class Trainer(DefaultTrainer):
         return getattr(self.data_loader, "resumable_sampler", None)
 
     def resume_or_load(self, resume=True):
-        super().resume_or_load(resume=resume)
-        if resume and self.checkpointer.has_checkpoint():
-            self._resumed_from = self.checkpointer.get_checkpoint_file()
+        # DefaultTrainer's, except that a damaged last checkpoint falls back to the one
+        # before it (cpr_d2.engine.checkpoint.resume_checkpoint_file).
+        from .checkpoint import resume_or_load_checkpoint
+
+        self._resumed_from = resume_or_load_checkpoint(
+            self.checkpointer, self.cfg.MODEL.WEIGHTS, resume=resume)
+        if self._resumed_from:  # it holds the iteration that had just finished
+            self.start_iter = self.iter + 1
         sampler = self.train_sampler
         if sampler is None:
             if self.start_iter:
@@ -255,11 +267,15 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """The training loader: the order of the images and their augmentations are a
-        pure function of cfg.SEED and the stream position (see cpr_d2.data.samplers)."""
+        pure function of cfg.SEED and the stream position (see cpr_d2.data.samplers).
+        Every training image's header is checked first (cpr_d2.data.checks)."""
+        from cpr_d2.data.checks import check_training_images
+
         mapper = PointDatasetMapper(cfg, is_train=True)
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
             logger.warning("DATALOADER.SAMPLER_TRAIN is %s: detectron2's loader, whose data a "
                            "resumed run does not reproduce", cfg.DATALOADER.SAMPLER_TRAIN)
+            check_training_images(cfg)
             return build_detection_train_loader(cfg, mapper=mapper)
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
@@ -268,6 +284,7 @@ class Trainer(DefaultTrainer):
             if cfg.MODEL.KEYPOINT_ON else 0,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
+        check_training_images(cfg, dataset)
         sampler = ResumableTrainingSampler(len(dataset), seed=data_seed(cfg))
         return build_resumable_train_loader(
             dataset, mapper, sampler, cfg.SOLVER.IMS_PER_BATCH,
@@ -281,6 +298,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        check_test_classes(cfg, dataset_name)
         if is_cpr(cfg):
             return CPREvaluator(dataset_name)
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
@@ -298,6 +316,29 @@ class Trainer(DefaultTrainer):
             model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM)
         return maybe_add_gradient_clipping(cfg, torch.optim.Adam)(
             params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+
+
+def check_test_classes(cfg, dataset_name):
+    """Refuse to evaluate on a dataset whose classes are not the model's: another count is
+    an error, other names or ids (when the training datasets are registered) too."""
+    from detectron2.data import DatasetCatalog
+
+    node, key = class_count_key(cfg)
+    if node is None:
+        return
+    test = dataset_classes(dataset_name)
+    if len(test.names) != int(node.NUM_CLASSES):
+        raise ValueError(f"dataset '{dataset_name}' has {len(test.names)} class(es) "
+                         f"({', '.join(test.names[:8])}), the model {node.NUM_CLASSES} ({key}); "
+                         "evaluate on a dataset with the training data's categories")
+    train = tuple(cfg.DATASETS.TRAIN)
+    if train and all(n in DatasetCatalog.list() for n in train):
+        ours = training_classes(train)
+        if (ours.names, ours.category_ids) != (test.names, test.category_ids):
+            raise ValueError(
+                f"dataset '{dataset_name}' has the classes {list(zip(test.names, test.category_ids))}"
+                f" (name, id), the training data {list(zip(ours.names, ours.category_ids))}; "
+                "give both jsons the same categories")
 
 
 def _describe(value):
@@ -350,8 +391,38 @@ def register_point_jsons(cfg):
         register_point_coco(name, json_file, image_root)
 
 
-def setup_cfg(args, output_subdir=None):
-    """The config of a tools/ command line: cpr_d2's keys, the file, the overrides.
+# Long log lines that go to OUTPUT_DIR/log.txt only, not to the console: the
+# environment, the config file and the full config (default_setup), the model.
+_FILE_ONLY_PREFIXES = ("Environment info:", "Contents of args.config_file=",
+                       "Running with full config:", "Model:\n")
+
+
+class _FileOnly(logging.Filter):
+    def filter(self, record):
+        return not (isinstance(record.msg, str) and record.msg.startswith(_FILE_ONLY_PREFIXES))
+
+
+def setup_logging(output_dir):
+    """detectron2's, fvcore's and this package's loggers, to the console and
+    `output_dir`/log.txt (detectron2's setup_logger), with the long dumps listed in
+    _FILE_ONLY_PREFIXES kept off the console. Call it before default_setup: its
+    setup_logger calls are cached, so default_setup gets these loggers."""
+    rank = comm.get_rank()
+    setup_logger(output_dir, distributed_rank=rank, name="fvcore")
+    for name in (None, "cpr_d2"):
+        log = setup_logger(output_dir, distributed_rank=rank) if name is None else \
+            setup_logger(output_dir, distributed_rank=rank, name=name)
+        for handler in log.handlers:
+            # The console's handler (log.txt has a StreamHandler on the file too).
+            console = getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
+            if console and not any(isinstance(f, _FileOnly) for f in handler.filters):
+                handler.addFilter(_FileOnly())
+
+
+def setup_cfg(args, output_subdir=None, training=False):
+    """The config of a tools/ command line: cpr_d2's keys, the file, the overrides, then
+    the class count (cpr_d2.data.classes.resolve_num_classes: from the training data
+    when `training`, else from MODEL.WEIGHTS first).
     `output_subdir` puts this command's logs and config under OUTPUT_DIR/<subdir>, so
     that it does not overwrite a training run's."""
     cfg = get_cpr_d2_cfg()
@@ -362,11 +433,12 @@ def setup_cfg(args, output_subdir=None):
     _merge(cfg, lambda: cfg.merge_from_list(args.opts), "command-line override")
     if output_subdir:
         cfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, output_subdir)
-    cfg.freeze()
+    # detectron2's, fvcore's and this package's lines (the point AP table, the counting
+    # threshold, what loading the data found, ...) reach the console and OUTPUT_DIR/log.txt.
+    setup_logging(cfg.OUTPUT_DIR)
     set_outside_image_policy(cfg.DATASETS.POINTS_OUTSIDE_IMAGE)
     register_point_jsons(cfg)
+    resolve_num_classes(cfg, training=training)
+    cfg.freeze()
     default_setup(cfg, args)
-    # detectron2 sets up its own and fvcore's loggers; this package's lines (the point AP
-    # table, the counting threshold, ...) go to the console and OUTPUT_DIR/log.txt too.
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="cpr_d2")
     return cfg

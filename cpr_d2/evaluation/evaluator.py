@@ -5,6 +5,12 @@ every annotation needs its true box (``bbox`` + ``bbox_mode``), since GT
 locations are box centres and distances are normalised by the box. Predictions
 are ``Instances`` with ``pred_points`` (pixel coordinates in the original
 image), ``scores`` and ``pred_classes`` (contiguous ids).
+
+``point_predictions.json`` (written with ``output_dir``) is a list in COCO's results
+format, one row per predicted point: ``{"image_id", "category_id", "point": [x, y],
+"bbox": [x, y, 0, 0], "score"}``, with the dataset's own image and category ids. The
+zero-size ``bbox`` is the point again, so that pycocotools' ``COCO.loadRes`` reads the
+file; ``prediction_class_indices`` maps the rows back to the model's class indices.
 """
 import itertools
 import logging
@@ -28,7 +34,8 @@ from cpr_d2.evaluation.point_ap import (
     evaluate_point_ap,
 )
 
-__all__ = ["PointAPEvaluator", "build_point_evaluator", "load_point_ground_truth"]
+__all__ = ["PointAPEvaluator", "build_point_evaluator", "dataset_category_ids",
+           "load_point_ground_truth", "prediction_class_indices"]
 
 PREDICTIONS_FILE = "point_predictions.json"
 METRICS_FILE = "point_ap_metrics.json"
@@ -94,6 +101,32 @@ def load_point_ground_truth(dataset_name: str):
             }
         )
     return list(class_names), image_ids, gts
+
+
+def dataset_category_ids(dataset_name: str, num_classes: int) -> List[int]:
+    """The dataset's category id of each contiguous class index: the inverse of its
+    metadata's ``thing_dataset_id_to_contiguous_id`` (a point json sets it when loaded);
+    the index itself for a dataset without one."""
+    id_map = getattr(MetadataCatalog.get(dataset_name), "thing_dataset_id_to_contiguous_id",
+                     None) or {}
+    by_index = {int(k): int(cid) for cid, k in id_map.items()}
+    return [by_index.get(k, k) for k in range(num_classes)]
+
+
+def prediction_class_indices(rows, dataset_name: str, source="<predictions>") -> List[int]:
+    """The contiguous class index of each row of a ``point_predictions.json`` (whose
+    ``category_id`` is the dataset's id)."""
+    num_classes = len(getattr(MetadataCatalog.get(dataset_name), "thing_classes", None) or [])
+    index = {cid: k for k, cid in enumerate(dataset_category_ids(dataset_name, num_classes))}
+    out = []
+    for n, row in enumerate(rows):
+        try:
+            out.append(index[row["category_id"]])
+        except KeyError:
+            raise ValueError(f"{source}: row {n} has category_id {row['category_id']!r}, which "
+                             f"dataset '{dataset_name}' does not have (its ids: "
+                             f"{sorted(index)}); rerun the evaluation that wrote it") from None
+    return out
 
 
 def _merge_predictions(per_rank: Iterable[Sequence[dict]]) -> "OrderedDict":
@@ -239,11 +272,13 @@ class PointAPEvaluator(DatasetEvaluator):
         return OrderedDict(point_ap=metrics)
 
     def _write_predictions(self, dets):
+        category_ids = dataset_category_ids(self._dataset_name, len(self._class_names))
         rows = []
         for image_id, d in zip(self._image_ids, dets):
             columns = (d["points"].tolist(), d["scores"].tolist(), d["classes"].tolist())
             for (x, y), s, c in zip(*columns):
-                rows.append({"image_id": image_id, "category_id": c, "point": [x, y], "score": s})
+                rows.append({"image_id": image_id, "category_id": category_ids[c],
+                             "point": [x, y], "bbox": [x, y, 0.0, 0.0], "score": s})
         path = os.path.join(self._output_dir, PREDICTIONS_FILE)
         write_json_atomic(rows, path)
         self._logger.info(f"Saved {len(rows)} point predictions to {path}")

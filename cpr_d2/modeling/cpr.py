@@ -25,6 +25,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import Instances
 from detectron2.utils import comm
 
+from cpr_d2.data.classes import require_num_classes
 from cpr_d2.layers import (bag_coordinates, bag_gather, bilinear_gather, inside_image,
                            negative_mask)
 
@@ -123,6 +124,7 @@ class CPRNet(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        require_num_classes(cfg)
         backbone = build_backbone(cfg)
         in_feature = single_level_feature_name(cfg)
         shape = backbone.output_shape()[in_feature]

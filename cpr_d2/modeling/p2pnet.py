@@ -23,6 +23,8 @@ from detectron2.structures import Instances
 from detectron2.utils import comm
 from fvcore.nn import sigmoid_focal_loss
 
+from cpr_d2.data.classes import require_num_classes
+
 from .backbone import normalized_images, single_level_feature_name
 from .p2p_matcher import PointMatcher
 
@@ -156,6 +158,7 @@ class P2PNet(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        require_num_classes(cfg)
         backbone = build_backbone(cfg)
         in_feature = single_level_feature_name(cfg)
         shape = backbone.output_shape()[in_feature]

@@ -32,9 +32,11 @@ def _checkpoint(config, path):
     from detectron2.modeling import build_model
 
     from cpr_d2.config import get_cpr_d2_cfg
+    from cpr_d2.data.classes import resolve_num_classes
 
     cfg = get_cpr_d2_cfg()
     cfg.merge_from_file(config)
+    resolve_num_classes(cfg, training=True)  # the forest configs take it from the data
     torch.manual_seed(0)
     model = build_model(cfg)
     torch.save({"model": model.state_dict()}, path)

@@ -28,7 +28,7 @@ def _train(config, out, opts):
     and the rows of metrics.json (without timings)."""
     args = default_argument_parser().parse_args(
         ["--config-file", config, *TINY, *opts, "OUTPUT_DIR", str(out)])
-    trainer = Trainer(setup_cfg(args))
+    trainer = Trainer(setup_cfg(args, training=True))
     trainer.resume_or_load(resume=False)
     trainer.train()
     losses = {name: [(it, value) for value, it in history.values()]

@@ -11,6 +11,7 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 from cpr_d2.config import get_cpr_d2_cfg
+from cpr_d2.data.classes import resolve_num_classes
 from cpr_d2.evaluation import evaluate_point_ap
 from tests.tool_loader import load_tool
 
@@ -79,6 +80,7 @@ def checkpoints(tmp_path_factory):
     for name, config in (("cpr", CPR), ("p2p", P2P)):
         cfg = get_cpr_d2_cfg()
         cfg.merge_from_file(config)
+        resolve_num_classes(cfg, training=True)  # the forest configs take it from the data
         torch.manual_seed(0)
         paths[name] = str(out / f"{name}.pth")
         torch.save({"model": build_model(cfg).state_dict()}, paths[name])
@@ -108,13 +110,26 @@ TRAIN_CASES = {
         {**good_json(), "annotations": [{"id": 9, "image_id": 1, "category_id": 1,
                                          "iscrowd": 0}]},
         "ok", [], ValueError, r"points.json: annotation id 9: has no 'point'"),
-    "missing image": (None, "missing", [], FileNotFoundError, r"image of image id 1 not found: .*a.png"),
+    # Found by the header check before training (cpr_d2.data.checks): a ValueError.
+    "missing image": (None, "missing", [], ValueError, r"image of image id 1 not found: .*a.png"),
     "truncated image": (None, "truncated", [], ValueError, r"cannot read the image of image id 1: .*a.png"),
     "non-image file": (None, "text", [], ValueError, r"cannot read the image of image id 1: .*a.png"),
     "too many points": (None, "ok", ["DATASETS.MAX_POINTS_PER_IMAGE", "1"], ValueError,
                         r"a.png\): 2 annotated points is more than DATASETS.MAX_POINTS_PER_IMAGE = 1"),
     "image too large": (None, "ok", ["INPUT.MAX_IMAGE_PIXELS", "1000"], ValueError,
                         r"80 x 64 = 5,120 pixels is more than INPUT.MAX_IMAGE_PIXELS = 1,000"),
+    "iscrowd as a string": (
+        {**good_json(), "annotations": [{**good_json()["annotations"][0], "iscrowd": "no"}]},
+        "ok", [], ValueError, r"points.json: annotation id 5 of image id 1: 'iscrowd' must be 0 "
+                              r"or 1 \(or false or true\), got \"no\""),
+    "every point off its image": (
+        {**good_json(), "annotations": [{**a, "point": [a["point"][0] + 100, a["point"][1]]}
+                                        for a in good_json()["annotations"]]},
+        "ok", [], ValueError, r"points.json: all 2 object points lie outside their image"),
+    "image size differs from the json": (
+        {**good_json(), "images": [{"id": 1, "file_name": "a.png", "height": 40, "width": 80}]},
+        "ok", [], ValueError, r"image id 1 \(.*a.png\): the file is 80 x 64 \(width x height\), "
+                              r"the json says 80 x 40"),
 }
 
 
@@ -274,4 +289,43 @@ def test_evaluator_rejects_predictions_of_unknown_images(tmp_path):
     evaluator.process([{"image_id": 99}], [{"instances": inst}])
     with pytest.raises(ValueError, match="not in dataset 'hostile_eval', e.g. image_id 99"):
         evaluator.evaluate()
+    assert leftovers(tmp_path) == []
+
+
+# ---- tools/demo.py: an image that declares a huge size -------------------------------------
+
+_PEAK_RSS = """import json, resource, subprocess, sys, time
+start = time.monotonic()
+run = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(json.dumps({"rc": run.returncode, "stderr": run.stderr, "seconds": time.monotonic() - start,
+                  "peak_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+
+def test_demo_refuses_a_huge_declared_image_from_its_header(tmp_path, checkpoints):
+    """A PNG of a few dozen bytes that declares 30,000 x 30,000 px: the demo names the file
+    and INPUT.MAX_IMAGE_PIXELS within seconds, never decoding it (which took 9.6 GB)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.data.test_image_io import png_declaring
+
+    (tmp_path / "data").mkdir()
+    huge = png_declaring(tmp_path / "data" / "huge.png", 30000, 30000)
+    demo = ["tools/demo.py", "--config-file", P2P, "--input", str(huge), "--output",
+            str(tmp_path / "out"), "MODEL.WEIGHTS", checkpoints["p2p"],
+            "OUTPUT_DIR", str(tmp_path / "run")]
+    # A fresh parent whose only child is the demo: RUSAGE_CHILDREN is then the demo's peak.
+    measured = subprocess.run([sys.executable, "-c", _PEAK_RSS, sys.executable, *demo],
+                              cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                              text=True, timeout=300)
+    result = json.loads(measured.stdout)
+    assert result["rc"] != 0
+    assert re.search(r"huge.png: 30000 x 30000 = 900,000,000 pixels is more than "
+                     r"INPUT.MAX_IMAGE_PIXELS = 100,000,000", result["stderr"]), result["stderr"]
+    assert result["peak_kib"] < 1024 * 1024, f"peak RSS {result['peak_kib'] / 1024:.0f} MiB"
+    print(f"demo: {result['seconds']:.1f} s, peak RSS {result['peak_kib'] / 1024:.0f} MiB")
+    assert result["seconds"] < 120  # imports and the model take a few seconds; decoding, minutes
     assert leftovers(tmp_path) == []

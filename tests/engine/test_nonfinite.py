@@ -18,7 +18,7 @@ TINY = ["SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.WARMUP_
 def _trainer(out):
     args = default_argument_parser().parse_args(
         ["--config-file", CONFIG, *TINY, "OUTPUT_DIR", str(out)])
-    cfg = setup_cfg(args)
+    cfg = setup_cfg(args, training=True)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     return cfg, trainer

@@ -125,6 +125,7 @@ def test_refine_ring_step_must_split_the_radius_into_rings(step):
     cfg = get_cpr_d2_cfg()
     cfg.merge_from_file("configs/forest/Base-forest.yaml")
     cfg.MODEL.META_ARCHITECTURE = "CPRNet"
+    cfg.MODEL.CPR.NUM_CLASSES = 1
     cfg.MODEL.CPR.RADIUS = 2
     cfg.MODEL.CPR.REFINE_RING_STEP = step
     with pytest.raises(ValueError, match="REFINE_RING_STEP"):

@@ -10,13 +10,21 @@ The project's point json::
                       "iscrowd": 0 | 1,             # optional
                       "ignore": 0 | 1}, ...]}       # optional, read as iscrowd
 
+`iscrowd` and `ignore` are flags: the json integers 0 and 1 or the booleans
+false and true; a missing field is 0. Anything else (a string such as "no", 2,
+1.0, null) is an error: a truthy "no" would silently turn an object into a
+crowd region.
+
 The official CPR release is read as is: its annotations carry the true box in
 `true_bbox`, the coarse point in `point`, and a 16x16 pseudo box around the
 point in `bbox` (the point is that box's centre when `point` is absent).
 
 Points are continuous pixel coordinates, origin at the image's top-left
 corner (pixel k spans [k, k+1)). A point is on its image when
-0 <= x <= width and 0 <= y <= height.
+0 <= x <= width and 0 <= y <= height. Points off their image are counted and
+kept, or refused (set_outside_image_policy); a json whose every object point
+(crowd regions aside) is off its image is always refused: its points are in
+another coordinate system.
 
 Each loaded record::
 
@@ -67,6 +75,28 @@ def set_outside_image_policy(policy):
 
 def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# The annotation flags: 1 makes the annotation a crowd region (not an object).
+_FLAG_FIELDS = ("iscrowd", "ignore")
+
+
+def _flag(value):
+    """0 or 1 for the json flags 0, 1, false and true; None for any other value (a
+    string, another number, 1.0, null, a list)."""
+    if value is True or value is False:
+        return int(value)
+    if type(value) is int and (value == 0 or value == 1):
+        return value
+    return None
+
+
+def _json_text(value):
+    """`value` as the json file spells it ("no", null, 2)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 @contextlib.contextmanager
@@ -227,6 +257,13 @@ def _check_annotations(reader, annotations, records, id_map, box_centre_points):
         reader.field(ann, "image_id", where, lambda v: v in records, "the id of an image in 'images'")
         reader.field(ann, "category_id", where, lambda v: v in id_map,
                      f"one of the category ids {cat_ids[:20]}{'...' if len(cat_ids) > 20 else ''}")
+        for key in _FLAG_FIELDS:
+            if key in ann and _flag(ann[key]) is None:
+                reader.fail(
+                    f"{where} of image id {ann['image_id']!r}",
+                    f"'{key}' must be 0 or 1 (or false or true), got {_json_text(ann[key])}",
+                    f"write \"{key}\": 0 for an object or \"{key}\": 1 for a crowd region "
+                    "(no strings such as \"no\", no null), or leave the field out (0)")
         _annotation_point_and_box(reader, ann, where, box_centre_points)
 
 
@@ -256,11 +293,14 @@ def _read_annotations_fast(annotations, records, id_map, box_centre_points):
             if point is None:
                 x, y, w, h = ann["bbox"]
                 point = [x + w / 2, y + h / 2]
+        crowd, ignore = _flag(ann.get("iscrowd", 0)), _flag(ann.get("ignore", 0))
+        if crowd is None or ignore is None:
+            raise _Invalid
         out = {
             "id": aid,
             "point": [float(point[0]), float(point[1])],
             "category_id": id_map[ann["category_id"]],
-            "iscrowd": int(bool(ann.get("iscrowd", 0)) or bool(ann.get("ignore", 0))),
+            "iscrowd": crowd | ignore,
         }
         if len(point) != 2:
             raise _Invalid
@@ -283,6 +323,22 @@ def _read_annotations_fast(annotations, records, id_map, box_centre_points):
         if b.ndim != 2 or b.shape[1] != 4 or not np.isfinite(b).all() or (b[:, 2:] < 0).any():
             raise _Invalid
     return loaded
+
+
+def _refuse_all_points_outside(json_file, loaded, records, objects, swapped_inside):
+    """Raise for a json none of whose object points is on its image: whatever the
+    points-outside-image policy, there is nothing to train or evaluate on."""
+    iid, ann = next((iid, ann) for iid, ann in loaded if not ann["iscrowd"])
+    aid, point, record = ann["id"], ann["point"], records[iid]
+    swapped = ("; here x and y look swapped: swapped, every point would be on its image"
+               if swapped_inside == objects else "")
+    raise PointJsonError(
+        f"{json_file}: all {objects} object points lie outside their image (first: annotation "
+        f"id {aid!r} of image id {iid!r} at {point}, the image is {record['width']} x "
+        f"{record['height']} (width x height)); no point can be used. Check that 'point' is "
+        "[x, y] in pixels of the image the json names (not of a resized or tiled copy, not map "
+        "coordinates), x along the width and y along the height, and that the images' width "
+        f"and height are right{swapped}")
 
 
 def load_point_json(json_file, image_root, dataset_name=None, *, box_centre_points=False):
@@ -322,13 +378,22 @@ def _load_point_json(json_file, image_root, dataset_name, box_centre_points):
         _check_annotations(reader, annotations, records, id_map, box_centre_points)
         raise
     outside = []
+    # Object points (crowd regions aside): how many, how many off their image, and how
+    # many of those would be on it with x and y swapped.
+    objects = objects_outside = swapped_inside = 0
     for (iid, ann) in loaded:
         record = records[iid]
         x, y = ann["point"]
+        objects += not ann["iscrowd"]
         if not (0 <= x <= record["width"] and 0 <= y <= record["height"]):
             outside.append((ann["id"], iid, ann["point"]))
+            if not ann["iscrowd"]:
+                objects_outside += 1
+                swapped_inside += 0 <= y <= record["width"] and 0 <= x <= record["height"]
         record["annotations"].append(ann)
 
+    if objects and objects_outside == objects:
+        _refuse_all_points_outside(json_file, loaded, records, objects, swapped_inside)
     if outside:
         aid, iid, point = outside[0]
         message = (f"{json_file}: {len(outside)} of {len(annotations)} points lie outside their "
