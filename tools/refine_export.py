@@ -17,10 +17,7 @@ Several processes share the images: --num-gpus N (CUDA, NCCL) or --num-gpus 0
 --num-workers N (CPU, gloo); the main process writes the json.
 """
 import argparse
-import contextlib
-import os
 import sys
-import tempfile
 import uuid
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -31,7 +28,7 @@ import cpr_d2  # noqa: F401  (registers datasets and models)
 from cpr_d2.data import dataset_files, register_point_coco
 from cpr_d2.engine import Trainer, load_inference_weights, setup_cfg
 from cpr_d2.engine.launch import add_launch_arguments, launch_from_args
-from cpr_d2.engine.refine import export_refined, refine_dataset
+from cpr_d2.engine.refine import check_refined_output, export_refined, refine_dataset
 from cpr_d2.evaluation.semantic_variance import compare_point_jsons, format_comparison
 
 
@@ -50,55 +47,9 @@ def parse_args(argv=None):
     return args
 
 
-def _nearest_existing(folder):
-    while not os.path.lexists(folder):
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            break
-        folder = parent
-    return folder
-
-
-def check_output(output, source_json=None):
-    """Raise a ValueError naming --output and the fix unless the refined json can be
-    written there: a path that is not a folder (nor anything but a regular file), not
-    `source_json` (the input; also through a link), in a folder that exists or can be
-    created, where this user can create files (tried with an empty temporary file,
-    removed at once). Nothing is created."""
-    path = os.path.abspath(output)
-    if output.endswith(os.sep) or os.path.isdir(path):
-        raise ValueError(f"--output {output} is a folder; pass the path of the json to write, "
-                         f"e.g. --output {os.path.join(output, 'refined.json')}")
-    if os.path.lexists(path) and not os.path.isfile(path):
-        raise ValueError(f"--output {output} exists and is not a regular file; pass the path "
-                         "of a new json or of a json to replace")
-    if source_json and (os.path.realpath(path) == os.path.realpath(source_json) or (
-            os.path.exists(path) and os.path.exists(source_json)
-            and os.path.samefile(path, source_json))):
-        raise ValueError(f"--output {output} is the input json {source_json}; write the "
-                         "refined points to a new file (the output keeps every field of the "
-                         "input, the coarse points included)")
-    folder = os.path.dirname(path)
-    existing = _nearest_existing(folder)
-    if not os.path.isdir(existing):
-        raise ValueError(f"--output {output}: {existing} is a file, so the folder {folder} "
-                         "cannot be created; pass a path in a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".refine_export.", suffix=".probe", dir=existing)
-    except OSError as e:
-        where = ("its folder" if existing == folder else
-                 f"{existing}, where its folder {folder} would be created")
-        raise ValueError(f"--output {output}: cannot create files in {where} "
-                         f"({type(e).__name__}: {e.strerror or e}); pass a path in a folder "
-                         "you can write in, or fix the folder's permissions") from None
-    os.close(fd)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(probe)
-
-
 def main(args):
     # Before any work: a refinement whose json cannot be written is lost.
-    check_output(args.output, args.json)
+    check_refined_output(args.output, args.json)
     cfg = setup_cfg(args, output_subdir="refine_export")
     if cfg.MODEL.META_ARCHITECTURE != "CPRNet":
         raise ValueError(f"{args.config_file} builds {cfg.MODEL.META_ARCHITECTURE}; refinement "
@@ -110,7 +61,7 @@ def main(args):
     else:
         name = args.dataset
         source_json, _ = dataset_files(name)
-        check_output(args.output, source_json)
+        check_refined_output(args.output, source_json)
     model = Trainer.build_model(cfg)
     load_inference_weights(model, cfg.MODEL.WEIGHTS)
     try:

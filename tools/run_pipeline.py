@@ -153,21 +153,24 @@ def check_overrides(p, args):
     return pairs
 
 
+def stage_overrides(args, cpr):
+    """The KEY VALUE list of a CPRNet (`cpr`) or P2PNet stage: those of every stage,
+    then the stage kind's own."""
+    own = args.cpr_opt if cpr else args.p2p_opt
+    return list(args.opts) + [v for pair in own for v in pair]
+
+
 def validate_stage_configs(args):
     """Merge every stage's config file and overrides as train_net would (errors name the
     file or the override)."""
     import cpr_d2  # noqa: F401
-    from cpr_d2.config import get_cpr_d2_cfg
-    from cpr_d2.engine.trainer import _merge
+    from cpr_d2.engine.trainer import merge_config
 
-    for config, extra in ((args.cpr_config, args.cpr_opt), (args.p2p_config, args.p2p_opt)):
+    for config, cpr in ((args.cpr_config, True), (args.p2p_config, False)):
         if not os.path.isfile(config):
             raise SystemExit(f"run_pipeline: config file not found: {config}")
-        cfg = get_cpr_d2_cfg()
-        _merge(cfg, lambda: cfg.merge_from_file(config), config)
-        opts = list(args.opts) + [v for pair in extra for v in pair]
         try:
-            _merge(cfg, lambda: cfg.merge_from_list(opts), f"override of {config}")
+            merge_config(config, stage_overrides(args, cpr), f"override of {config}")
         except (KeyError, ValueError) as e:
             raise SystemExit(f"run_pipeline: {str(e).strip(chr(34) + chr(39))}") from None
 
@@ -421,11 +424,6 @@ class Run:
         write_derived_json(train, self.derived["pipeline_coarse"][0])
         write_derived_json(centres_json(train, self.train_json), self.derived["pipeline_centres"][0])
 
-    def overrides(self, config):
-        """The user's KEY VALUE overrides of a stage run with `config`."""
-        own = self.args.cpr_opt if config == self.args.cpr_config else self.args.p2p_opt
-        return list(self.args.opts) + [v for pair in own for v in pair]
-
     def train_cmd(self, config, out_dir, train_name, test_names, iters, extra=()):
         steps = f"({max(1, int(0.8 * iters))},)"
         cmd = [sys.executable, os.path.join(_REPO, "tools", "train_net.py"), "--config-file", config,
@@ -436,7 +434,8 @@ class Run:
                "SOLVER.CHECKPOINT_PERIOD", str(max(50, iters // 5)),
                "MODEL.DEVICE", self.args.device,
                "DATALOADER.NUM_WORKERS", str(self.args.num_workers)]
-        return cmd + self.point_jsons_opt() + self.overrides(config) + list(extra)
+        return (cmd + self.point_jsons_opt()
+                + stage_overrides(self.args, config == self.args.cpr_config) + list(extra))
 
     def stage_cpr(self):
         self.run_cmd("cpr", self.train_cmd(self.args.cpr_config, self.path("cpr"), "pipeline_coarse",
@@ -448,7 +447,7 @@ class Run:
                self.path("refined.json"), "MODEL.WEIGHTS", self.path("cpr", "model_final.pth"),
                "OUTPUT_DIR", self.path("cpr"), "MODEL.DEVICE", self.args.device,
                "DATALOADER.NUM_WORKERS", str(self.args.num_workers)] + self.point_jsons_opt()
-        self.run_cmd("refine", cmd + self.overrides(self.args.cpr_config))
+        self.run_cmd("refine", cmd + stage_overrides(self.args, cpr=True))
 
     def metrics_path(self, stage):
         return self.path(stage, "inference", self.test_name, "point_ap_metrics.json")

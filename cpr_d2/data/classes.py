@@ -15,6 +15,7 @@ A checkpoint's entry ``"classes"``::
 
 ``category_ids[k]`` is the dataset's id of the model's class k (contiguous index).
 """
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import List, Optional, Sequence
 __all__ = [
     "ClassList",
     "ClassListCheckpointable",
+    "check_evaluation_classes",
     "checkpoint_classes",
     "class_count_key",
     "dataset_classes",
@@ -47,6 +49,10 @@ class ClassList:
     def state_dict(self):
         return {"thing_classes": list(self.names), "category_ids": list(self.category_ids),
                 "datasets": list(self.datasets)}
+
+    def same_as(self, other: "ClassList") -> bool:
+        """The same names and category ids, in the same order (whatever the datasets)."""
+        return (self.names, self.category_ids) == (other.names, other.category_ids)
 
     @classmethod
     def from_state(cls, state, source):
@@ -73,7 +79,7 @@ class ClassListCheckpointable:
 
     def load_state_dict(self, state):
         old = ClassList.from_state(state, "the resumed checkpoint")
-        if (old.names, old.category_ids) != (self.classes.names, self.classes.category_ids):
+        if not old.same_as(self.classes):
             logger.warning("the resumed checkpoint was trained on classes %s (ids %s); this run "
                            "trains on %s (ids %s)", old.names, old.category_ids,
                            self.classes.names, self.classes.category_ids)
@@ -131,7 +137,7 @@ def training_classes(dataset_names: Sequence[str]) -> ClassList:
     first = dataset_classes(dataset_names[0])
     for name in dataset_names[1:]:
         other = dataset_classes(name)
-        if (other.names, other.category_ids) != (first.names, first.category_ids):
+        if not other.same_as(first):
             raise ValueError(
                 f"the training datasets disagree on their classes: '{dataset_names[0]}' has "
                 f"{_describe(first)}, '{name}' has {_describe(other)}; train on datasets with "
@@ -144,6 +150,13 @@ def checkpoint_classes(path) -> Optional[ClassList]:
     checkpoints carried one, a URL, or no file)."""
     if not path or "://" in path or not os.path.isfile(path):
         return None
+    stat = os.stat(path)
+    # A tool asks more than once (setup_cfg, then the demo's labels): read the file once.
+    return _stored_classes(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _stored_classes(path, mtime_ns, size):
     import torch
 
     try:
@@ -153,6 +166,13 @@ def checkpoint_classes(path) -> Optional[ClassList]:
     if not isinstance(data, dict) or not isinstance(data.get(CHECKPOINT_KEY), dict):
         return None
     return ClassList.from_state(data[CHECKPOINT_KEY], f"checkpoint {path}")
+
+
+def _all_registered(names):
+    from detectron2.data import DatasetCatalog
+
+    registered = DatasetCatalog.list()
+    return bool(names) and all(n in registered for n in names)
 
 
 def _describe(classes: ClassList, limit=8):
@@ -179,10 +199,8 @@ def resolve_num_classes(cfg, training) -> Optional[ClassList]:
         classes = checkpoint_classes(cfg.MODEL.WEIGHTS)
         source = f"the checkpoint MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}"
     if classes is None and (training or count == 0):
-        from detectron2.data import DatasetCatalog
-
         names = tuple(cfg.DATASETS.TRAIN)
-        if training or (names and all(n in DatasetCatalog.list() for n in names)):
+        if training or _all_registered(names):
             classes = training_classes(names)
             source = f"the training dataset(s) {', '.join(names)}"
     if classes is None:
@@ -202,3 +220,22 @@ def resolve_num_classes(cfg, training) -> Optional[ClassList]:
             f"{key} is {count}, but {source} has {_describe(classes)}; set {key} "
             f"{len(classes.names)} (or 0, to take the count from the training data)")
     return classes
+
+
+def check_evaluation_classes(cfg, dataset_name):
+    """Refuse to evaluate on a dataset whose classes are not the model's: another count is
+    an error, other names or ids (when the training datasets are registered) too."""
+    node, key = class_count_key(cfg)
+    if node is None:
+        return
+    test = dataset_classes(dataset_name)
+    if len(test.names) != int(node.NUM_CLASSES):
+        raise ValueError(f"dataset '{dataset_name}' has {len(test.names)} class(es) "
+                         f"({', '.join(test.names[:8])}), the model {node.NUM_CLASSES} ({key}); "
+                         "evaluate on a dataset with the training data's categories")
+    train = tuple(cfg.DATASETS.TRAIN)
+    if _all_registered(train):
+        ours = training_classes(train)
+        if not ours.same_as(test):
+            raise ValueError(f"dataset '{dataset_name}' has {_describe(test)}; the training data "
+                             f"has {_describe(ours)}; give both jsons the same categories")

@@ -28,7 +28,7 @@ from detectron2.utils.logger import setup_logger
 
 from cpr_d2.config import get_cpr_d2_cfg
 from cpr_d2.data import PointDatasetMapper, register_point_coco, set_outside_image_policy
-from cpr_d2.data.classes import (ClassListCheckpointable, class_count_key, dataset_classes,
+from cpr_d2.data.classes import (ClassListCheckpointable, check_evaluation_classes,
                                  resolve_num_classes, training_classes)
 from cpr_d2.data.samplers import ResumableTrainingSampler, build_resumable_train_loader
 from cpr_d2.evaluation import build_point_evaluator
@@ -298,7 +298,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        check_test_classes(cfg, dataset_name)
+        check_evaluation_classes(cfg, dataset_name)
         if is_cpr(cfg):
             return CPREvaluator(dataset_name)
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
@@ -316,29 +316,6 @@ class Trainer(DefaultTrainer):
             model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM)
         return maybe_add_gradient_clipping(cfg, torch.optim.Adam)(
             params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
-
-
-def check_test_classes(cfg, dataset_name):
-    """Refuse to evaluate on a dataset whose classes are not the model's: another count is
-    an error, other names or ids (when the training datasets are registered) too."""
-    from detectron2.data import DatasetCatalog
-
-    node, key = class_count_key(cfg)
-    if node is None:
-        return
-    test = dataset_classes(dataset_name)
-    if len(test.names) != int(node.NUM_CLASSES):
-        raise ValueError(f"dataset '{dataset_name}' has {len(test.names)} class(es) "
-                         f"({', '.join(test.names[:8])}), the model {node.NUM_CLASSES} ({key}); "
-                         "evaluate on a dataset with the training data's categories")
-    train = tuple(cfg.DATASETS.TRAIN)
-    if train and all(n in DatasetCatalog.list() for n in train):
-        ours = training_classes(train)
-        if (ours.names, ours.category_ids) != (test.names, test.category_ids):
-            raise ValueError(
-                f"dataset '{dataset_name}' has the classes {list(zip(test.names, test.category_ids))}"
-                f" (name, id), the training data {list(zip(ours.names, ours.category_ids))}; "
-                "give both jsons the same categories")
 
 
 def _describe(value):
@@ -361,6 +338,18 @@ def _merge(cfg, merge, source):
         if "Type mismatch" not in str(e):
             raise
         raise ValueError(f"{source}: {e}; give the key a value of its default's type") from None
+
+
+def merge_config(config_file, opts, source="command-line override"):
+    """cpr_d2's config with `config_file` (may be empty) and the KEY VALUE list `opts`
+    merged in, unfrozen; a misspelt key or a wrong type names the file or `source`."""
+    cfg = get_cpr_d2_cfg()
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"config file not found: {config_file}")
+        _merge(cfg, lambda: cfg.merge_from_file(config_file), config_file)
+    _merge(cfg, lambda: cfg.merge_from_list(opts), source)
+    return cfg
 
 
 def register_point_jsons(cfg):
@@ -425,12 +414,7 @@ def setup_cfg(args, output_subdir=None, training=False):
     when `training`, else from MODEL.WEIGHTS first).
     `output_subdir` puts this command's logs and config under OUTPUT_DIR/<subdir>, so
     that it does not overwrite a training run's."""
-    cfg = get_cpr_d2_cfg()
-    if args.config_file:
-        if not os.path.isfile(args.config_file):
-            raise FileNotFoundError(f"config file not found: {args.config_file}")
-        _merge(cfg, lambda: cfg.merge_from_file(args.config_file), args.config_file)
-    _merge(cfg, lambda: cfg.merge_from_list(args.opts), "command-line override")
+    cfg = merge_config(args.config_file, args.opts)
     if output_subdir:
         cfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, output_subdir)
     # detectron2's, fvcore's and this package's lines (the point AP table, the counting

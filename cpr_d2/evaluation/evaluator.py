@@ -26,6 +26,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
+from cpr_d2.data.classes import dataset_classes
 from cpr_d2.utils.io import write_json_atomic
 from cpr_d2.evaluation.point_ap import (
     DEFAULT_TAUS,
@@ -34,8 +35,8 @@ from cpr_d2.evaluation.point_ap import (
     evaluate_point_ap,
 )
 
-__all__ = ["PointAPEvaluator", "build_point_evaluator", "dataset_category_ids",
-           "load_point_ground_truth", "prediction_class_indices"]
+__all__ = ["PointAPEvaluator", "build_point_evaluator", "load_point_ground_truth",
+           "prediction_class_indices"]
 
 PREDICTIONS_FILE = "point_predictions.json"
 METRICS_FILE = "point_ap_metrics.json"
@@ -103,21 +104,10 @@ def load_point_ground_truth(dataset_name: str):
     return list(class_names), image_ids, gts
 
 
-def dataset_category_ids(dataset_name: str, num_classes: int) -> List[int]:
-    """The dataset's category id of each contiguous class index: the inverse of its
-    metadata's ``thing_dataset_id_to_contiguous_id`` (a point json sets it when loaded);
-    the index itself for a dataset without one."""
-    id_map = getattr(MetadataCatalog.get(dataset_name), "thing_dataset_id_to_contiguous_id",
-                     None) or {}
-    by_index = {int(k): int(cid) for cid, k in id_map.items()}
-    return [by_index.get(k, k) for k in range(num_classes)]
-
-
 def prediction_class_indices(rows, dataset_name: str, source="<predictions>") -> List[int]:
     """The contiguous class index of each row of a ``point_predictions.json`` (whose
     ``category_id`` is the dataset's id)."""
-    num_classes = len(getattr(MetadataCatalog.get(dataset_name), "thing_classes", None) or [])
-    index = {cid: k for k, cid in enumerate(dataset_category_ids(dataset_name, num_classes))}
+    index = {cid: k for k, cid in enumerate(dataset_classes(dataset_name).category_ids)}
     out = []
     for n, row in enumerate(rows):
         try:
@@ -272,7 +262,7 @@ class PointAPEvaluator(DatasetEvaluator):
         return OrderedDict(point_ap=metrics)
 
     def _write_predictions(self, dets):
-        category_ids = dataset_category_ids(self._dataset_name, len(self._class_names))
+        category_ids = dataset_classes(self._dataset_name).category_ids
         rows = []
         for image_id, d in zip(self._image_ids, dets):
             columns = (d["points"].tolist(), d["scores"].tolist(), d["classes"].tolist())

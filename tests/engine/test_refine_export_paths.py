@@ -5,6 +5,7 @@ import os
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from cpr_d2.engine.refine import check_refined_output
 from tests.data.helpers import write_dataset
 from tests.tool_loader import load_tool
 
@@ -71,7 +72,7 @@ def test_output_folder_without_write_permission(tool, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(tool.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr("cpr_d2.engine.refine.tempfile.mkstemp", refuse)
     with pytest.raises(ValueError, match=rf"--output {tmp_path}/refined.json: cannot create files "
                                          r"in its folder \(PermissionError: Permission denied\); "
                                          r"pass a path in a folder you can write in"):
@@ -113,10 +114,9 @@ def test_output_that_is_the_json_of_a_registered_dataset(tool, tmp_path):
 
 
 def test_a_good_output_is_checked_without_creating_anything(tmp_path):
-    tool = load_tool("refine_export")
     before = files(tmp_path)
-    tool.check_output(str(tmp_path / "new" / "deeper" / "refined.json"), None)
+    check_refined_output(str(tmp_path / "new" / "deeper" / "refined.json"), None)
     (tmp_path / "old.json").write_text("{}")
-    tool.check_output(str(tmp_path / "old.json"), str(tmp_path / "points.json"))  # replaced
+    check_refined_output(str(tmp_path / "old.json"), str(tmp_path / "points.json"))  # replaced
     assert files(tmp_path) == sorted(before + ["old.json"])
     assert not (tmp_path / "new").exists()
