@@ -7,6 +7,13 @@ so once in the log.
 """
 __version__ = "0.1.0"
 
+import warnings  # noqa: E402
+
+# fvcore (imported by detectron2) scripts a loss with torch.jit.script, which torch 2.x
+# deprecates with a FutureWarning on every command; nothing here uses TorchScript.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                        category=FutureWarning)
+
 from . import data  # noqa: E402,F401  (registers the datasets)
 from . import modeling  # noqa: E402,F401  (registers the backbone and meta-architectures)
 from .config import (  # noqa: E402,F401

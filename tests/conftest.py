@@ -4,6 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+# Several tests compare training runs bit for bit, and float reductions can depend on the
+# thread count: the suite's runs keep the threads torch (or the test) chose, whatever
+# other cpr_d2 jobs run on the machine. The share of the cores (cpr_d2/utils/threads.py)
+# is tested with explicit settings in tests/utils/test_threads.py.
+os.environ.setdefault("CPR_D2_THREADS", "unmanaged")
+
 
 def _test_seed():
     """A fresh seed, or CPR_D2_TEST_SEED; printed, so a failure can be replayed."""

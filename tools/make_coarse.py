@@ -15,10 +15,6 @@ import json
 import os
 import sys
 
-from cpr_d2.data.coarse import coarse_points_from_coco, parse_noise
-from cpr_d2.utils.io import write_json_atomic
-from cpr_d2.evaluation.semantic_variance import format_table, semantic_variance_json
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
@@ -46,6 +42,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Imported here, after the arguments are parsed: --help answers without them.
+    from cpr_d2.data.coarse import coarse_points_from_coco, parse_noise
+    from cpr_d2.evaluation.semantic_variance import format_table, semantic_variance_json
+    from cpr_d2.utils.io import write_json_atomic
+
     try:
         parse_noise(args.noise)
         if os.path.exists(args.output) and os.path.samefile(args.input, args.output):

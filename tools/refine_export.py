@@ -16,26 +16,14 @@ With true boxes in the json, the semantic variance before and after is printed.
 Several processes share the images: --num-gpus N (CUDA, NCCL) or --num-gpus 0
 --num-workers N (CPU, gloo); the main process writes the json.
 """
-import argparse
 import sys
 import uuid
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import default_argument_parser
-from detectron2.utils import comm
-
-import cpr_d2  # noqa: F401  (registers datasets and models)
-from cpr_d2.data import dataset_files, register_point_coco
-from cpr_d2.engine import Trainer, load_inference_weights, setup_cfg
-from cpr_d2.engine.launch import add_launch_arguments, launch_from_args
-from cpr_d2.engine.refine import check_refined_output, export_refined, refine_dataset
-from cpr_d2.evaluation.semantic_variance import compare_point_jsons, format_comparison
+from cli_args import launch_parser
 
 
 def parse_args(argv=None):
-    parser = add_launch_arguments(default_argument_parser())
-    parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser = launch_parser(__doc__, training=False)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", help="a registered point dataset (e.g. forest)")
     source.add_argument("--json", help="a point json to refine (with --image-root)")
@@ -48,6 +36,15 @@ def parse_args(argv=None):
 
 
 def main(args):
+    # Imported here, after the arguments are parsed: --help answers without them.
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.utils import comm
+
+    from cpr_d2.data import dataset_files, register_point_coco
+    from cpr_d2.engine import Trainer, load_inference_weights, setup_cfg
+    from cpr_d2.engine.refine import check_refined_output, export_refined, refine_dataset
+    from cpr_d2.evaluation.semantic_variance import compare_point_jsons, format_comparison
+
     # Before any work: a refinement whose json cannot be written is lost.
     check_refined_output(args.output, args.json)
     cfg = setup_cfg(args, output_subdir="refine_export")
@@ -84,5 +81,8 @@ def main(args):
 
 
 if __name__ == "__main__":
-    launch_from_args(main, parse_args())
+    args = parse_args()
+    from cpr_d2.engine.launch import launch_from_args
+
+    launch_from_args(main, args)
     sys.exit(0)

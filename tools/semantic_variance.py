@@ -11,13 +11,10 @@ import argparse
 import json
 import sys
 
-from cpr_d2.evaluation.semantic_variance import (
-    DEFAULT_SIZE_RANGES,
-    compare_point_jsons,
-    format_comparison,
-    format_table,
-    semantic_variance_json,
-)
+# cpr_d2.evaluation.semantic_variance.DEFAULT_SIZE_RANGES, written out so that --help
+# answers before cpr_d2 (and torch) is imported; a test keeps the two equal.
+DEFAULT_RANGES = (
+    "all:0:inf,<12 px:0:12,12-20 px:12:20,20-32 px:20:32,>=32 px:32:inf,<20 px:0:20,>=20 px:20:inf")
 
 
 def parse_ranges(text: str):
@@ -52,17 +49,24 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--json", required=True, help="point json with true boxes ('bbox')")
     parser.add_argument("--compare", help="second point json, matched by annotation id")
-    default_ranges = ",".join(f"{n}:{lo:g}:{hi:g}" for n, lo, hi in DEFAULT_SIZE_RANGES)
     parser.add_argument(
         "--ranges",
-        default=default_ranges,
-        help=f"size ranges by sqrt(w*h) (default {default_ranges!r})",
+        default=DEFAULT_RANGES,
+        help=f"size ranges by sqrt(w*h) (default {DEFAULT_RANGES!r})",
     )
     parser.add_argument("--point-key", default="point")
     parser.add_argument(
         "--include-crowd", action="store_true", help="also measure iscrowd/ignore annotations"
     )
     args = parser.parse_args(argv)
+    # Imported here, after the arguments are parsed: --help answers without them.
+    from cpr_d2.evaluation.semantic_variance import (
+        compare_point_jsons,
+        format_comparison,
+        format_table,
+        semantic_variance_json,
+    )
+
     try:
         ranges = parse_ranges(args.ranges)
         options = dict(

@@ -12,25 +12,13 @@ Draws the first --images images that have annotated objects. Writes
 <output>/<image_id>_refine.png per image (from MODEL.WEIGHTS, or the
 last --checkpoint) and, with two or more checkpoints, <image_id>_trace.gif.
 """
-import argparse
 import os
 
-import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data import detection_utils as utils
-from detectron2.engine import default_argument_parser
-from PIL import Image
-
-import cpr_d2  # noqa: F401
-from cpr_d2.data import PointDatasetMapper
-from cpr_d2.engine import Trainer, load_inference_weights, setup_cfg
-from cpr_d2.utils.visualizer import PointVisualizer
+from cli_args import config_parser
 
 
 def parse_args(argv=None):
-    parser = default_argument_parser()
-    parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser = config_parser(__doc__)
     parser.add_argument("--dataset", required=True, help="a registered point dataset")
     parser.add_argument("--output", required=True, help="folder for the pictures")
     parser.add_argument("--images", type=int, default=4, help="how many images to draw")
@@ -39,13 +27,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-@torch.no_grad()
 def refine_images(model, mapper, records):
+    import torch
+
     model.eval()
-    return [model([mapper(r)])[0]["instances"].to("cpu") for r in records]
+    with torch.no_grad():
+        return [model([mapper(r)])[0]["instances"].to("cpu") for r in records]
 
 
 def draw(image, metadata, inst, caption=None):
+    from cpr_d2.utils.visualizer import PointVisualizer
+
     vis = PointVisualizer(image, metadata, scale=2.0)
     if inst.has("bag_points"):
         vis.draw_bag_scores(inst.bag_points, inst.bag_scores)
@@ -58,6 +50,14 @@ def draw(image, metadata, inst, caption=None):
 
 
 def main(args):
+    # Imported here, after the arguments are parsed: --help answers without them.
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data import detection_utils as utils
+    from PIL import Image
+
+    from cpr_d2.data import PointDatasetMapper
+    from cpr_d2.engine import Trainer, load_inference_weights, setup_cfg
+
     cfg = setup_cfg(args, output_subdir="visualize_cpr")
     cfg.defrost()
     cfg.MODEL.CPR.RETURN_BAG_SCORES = True

@@ -177,16 +177,22 @@ def check_dataset_images(records, dataset_name, max_pixels=0):
 
 
 def check_training_images(cfg, records=None):
-    """check_dataset_images for the training data of `cfg`, against
-    cfg.INPUT.MAX_IMAGE_PIXELS: `records` (cfg.DATASETS.TRAIN as the training loader
-    loaded them), or else the datasets from the DatasetCatalog.
+    """check_images_of for the training data of `cfg` (cfg.DATASETS.TRAIN; `records` as the
+    training loader loaded them, or else from the DatasetCatalog)."""
+    return check_images_of(cfg, tuple(cfg.DATASETS.TRAIN), records, role="DATASETS.TRAIN")
+
+
+def check_images_of(cfg, names, records=None, role=None):
+    """check_dataset_images for the datasets `names` (their records `records`, or else
+    from the DatasetCatalog), against cfg.INPUT.MAX_IMAGE_PIXELS; `role` (e.g.
+    "DATASETS.TRAIN") says in the error where the names came from.
 
     Every process calls it: each checks its share of the images, the shares are
     gathered, and every process raises the same error, so that none is left waiting
     in a collective operation for one that stopped. Only the main process logs."""
-    names = tuple(cfg.DATASETS.TRAIN)
+    names = tuple(names)
     what = (f"dataset {names[0]!r}" if len(names) == 1 else
-            "datasets " + ", ".join(map(repr, names))) + " (DATASETS.TRAIN)"
+            "datasets " + ", ".join(map(repr, names))) + (f" ({role})" if role else "")
     if records is None:
         from detectron2.data import DatasetCatalog
 

@@ -19,8 +19,8 @@ import re
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["DamagedCheckpointError", "load_inference_weights", "resume_checkpoint_file",
-           "resume_or_load_checkpoint"]
+__all__ = ["DamagedCheckpointError", "load_evaluation_weights", "load_inference_weights",
+           "resume_checkpoint_file", "resume_or_load_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -186,3 +186,20 @@ def resume_or_load_checkpoint(checkpointer, weights, *, resume=True):
         return path
     checkpointer.load(weights, checkpointables=[])
     return None
+
+
+def load_evaluation_weights(cfg, model, resume=False):
+    """The weights `train_net.py --eval-only` evaluates, loaded strictly
+    (:func:`load_inference_weights`): with `resume`, the last checkpoint of
+    cfg.OUTPUT_DIR (a damaged one falls back as in :func:`resume_checkpoint_file`),
+    else, or when OUTPUT_DIR has none, MODEL.WEIGHTS. Returns the file loaded."""
+    path = ""
+    if resume:
+        path = resume_checkpoint_file(DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR))
+        if not path:
+            logger.info("--resume: %s has no last_checkpoint; evaluating MODEL.WEIGHTS",
+                        cfg.OUTPUT_DIR)
+    path = path or cfg.MODEL.WEIGHTS
+    load_inference_weights(model, path)
+    logger.info("Evaluating %s", path)
+    return path

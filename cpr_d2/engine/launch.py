@@ -36,7 +36,7 @@ from detectron2.utils import comm
 # The module: detectron2.engine's attribute `launch` is the function.
 d2_launch_module = importlib.import_module("detectron2.engine.launch")
 
-__all__ = ["BACKENDS", "DEFAULT_TIMEOUT", "add_launch_arguments", "check_launch",
+__all__ = ["BACKENDS", "DEFAULT_TIMEOUT", "check_launch",
            "create_ddp_model", "launch", "launch_from_args"]
 
 logger = logging.getLogger(__name__)
@@ -46,27 +46,8 @@ DEFAULT_TIMEOUT = getattr(d2_launch_module, "DEFAULT_TIMEOUT", timedelta(minutes
 _D2_CREATE_DDP_MODEL = d2_defaults.create_ddp_model
 
 
-def add_launch_arguments(parser):
-    """Add --num-workers and --backend to a detectron2 default_argument_parser (which
-    has --num-gpus, --num-machines, --machine-rank and --dist-url), and make "auto" the
-    default --dist-url. Returns parser."""
-    parser.add_argument(
-        "--num-workers", type=int, default=0, metavar="N",
-        help="CPU processes per machine (gloo) when --num-gpus is 0; 0 or 1 runs in this "
-             "process. Not the data loader workers (DATALOADER.NUM_WORKERS)")
-    parser.add_argument(
-        "--backend", choices=BACKENDS, default="auto",
-        help="torch.distributed backend: auto (nccl with --num-gpus >= 1, gloo with "
-             "--num-gpus 0), nccl (CUDA GPUs) or gloo (CPU processes, needs --num-gpus 0)")
-    # detectron2's default URL is a port fixed per user: a second job started on the
-    # machine at the same time fails with EADDRINUSE. "auto" works on one machine; jobs
-    # over several machines must name machine 0's address (check_launch says so).
-    parser.set_defaults(dist_url="auto")
-    return parser
-
-
 def launch_from_args(main_func, args):
-    """launch(main_func, ...) with the flags of a parser built by add_launch_arguments;
+    """launch(main_func, ...) with the flags of tools/cli_args.py's launch_parser;
     main_func is called as main_func(args). A combination of flags that cannot run
     exits with its message (no traceback) before anything starts."""
     kwargs = dict(num_machines=args.num_machines, machine_rank=args.machine_rank,

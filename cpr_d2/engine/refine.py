@@ -13,7 +13,9 @@ from detectron2.utils import comm
 from tqdm import tqdm
 
 from cpr_d2.data import PointDatasetMapper
+from cpr_d2.data.checks import check_images_of
 from cpr_d2.utils.io import write_json_atomic
+from cpr_d2.utils.threads import machine_share
 
 __all__ = ["check_refined_output", "export_refined", "refine_dataset", "refined_json"]
 
@@ -29,6 +31,7 @@ def refine_dataset(cfg, model, dataset_name, progress=True):
     main process (other processes get {}).
     """
     dicts = DatasetCatalog.get(dataset_name)
+    check_images_of(cfg, (dataset_name,), dicts)  # every image, before the first is refined
     records = {r["image_id"]: r for r in dicts}
     mapper = PointDatasetMapper(cfg, is_train=False, with_annotations=True)
     # The loaded dicts, not the name: the loader would load the json a second time.
@@ -37,21 +40,23 @@ def refine_dataset(cfg, model, dataset_name, progress=True):
     was_training = model.training
     model.eval()
     rows = {}
-    try:
-        show = progress and comm.is_main_process()
-        for inputs in tqdm(loader, desc=f"refining {dataset_name}", disable=not show):
-            for inp, out in zip(inputs, model(inputs)):
-                inst = out["instances"].to("cpu")
-                anns = records[inp["image_id"]]["annotations"]
-                for k, index in enumerate(inst.gt_ann_index.tolist()):
-                    rows[anns[index]["id"]] = {
-                        "point": inst.pred_points[k].tolist(),
-                        "score": float(inst.scores[k]),
-                        "coarse_point": inst.coarse_points[k].tolist(),
-                        "refined": bool(inst.refined[k]),
-                    }
-    finally:
-        model.train(was_training)
+    with machine_share() as share:
+        try:
+            show = progress and comm.is_main_process()
+            for inputs in tqdm(loader, desc=f"refining {dataset_name}", disable=not show):
+                share.recheck()
+                for inp, out in zip(inputs, model(inputs)):
+                    inst = out["instances"].to("cpu")
+                    anns = records[inp["image_id"]]["annotations"]
+                    for k, index in enumerate(inst.gt_ann_index.tolist()):
+                        rows[anns[index]["id"]] = {
+                            "point": inst.pred_points[k].tolist(),
+                            "score": float(inst.scores[k]),
+                            "coarse_point": inst.coarse_points[k].tolist(),
+                            "refined": bool(inst.refined[k]),
+                        }
+        finally:
+            model.train(was_training)
     if comm.get_world_size() > 1:
         gathered = comm.gather(rows, dst=0)
         if not comm.is_main_process():

@@ -34,6 +34,7 @@ from cpr_d2.data.samplers import ResumableTrainingSampler, build_resumable_train
 from cpr_d2.evaluation import build_point_evaluator
 from cpr_d2.evaluation.cpr_evaluator import CPREvaluator
 from cpr_d2.utils.io import atomic_path, write_text_atomic
+from cpr_d2.utils.threads import machine_share
 
 from .count_calibration import CountCalibrationHook
 from .ema import EMAHook
@@ -246,8 +247,9 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         """DefaultTrainer's hooks, plus SOLVER.EMA before the checkpointer (so model_final
         holds the average) and, for P2PNet with MODEL.P2PNET.COUNT_CALIBRATION "train",
-        the counting threshold's calibration before the final evaluation."""
-        ret = super().build_hooks()
+        the counting threshold's calibration before the final evaluation; first of all,
+        the share of the machine's cores (cpr_d2.utils.threads)."""
+        ret = [MachineShareHook()] + super().build_hooks()
         cfg = self.cfg
         if cfg.SOLVER.EMA.ENABLED:
             before = next((k for k, h in enumerate(ret) if isinstance(
@@ -263,6 +265,11 @@ class Trainer(DefaultTrainer):
             ret.insert(evaluator, CountCalibrationHook(
                 cfg, lambda name: self.build_test_loader(cfg, name)))
         return ret
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        with machine_share():
+            return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -316,6 +323,24 @@ class Trainer(DefaultTrainer):
             model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM)
         return maybe_add_gradient_clipping(cfg, torch.optim.Adam)(
             params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+
+
+class MachineShareHook(hooks.HookBase):
+    """Training uses its share of the cores (cpr_d2.utils.threads), rechecked as other
+    cpr_d2 jobs start and end."""
+
+    _share = None
+
+    def before_train(self):
+        self._share = machine_share().__enter__()
+
+    def before_step(self):
+        self._share.recheck()
+
+    def after_train(self):
+        if self._share is not None:  # None: before_train failed
+            self._share.__exit__(None, None, None)
+            self._share = None
 
 
 def _describe(value):

@@ -8,10 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.tool_loader import load_tool
+from tests.tool_loader import load_tool, tool_helper
 
 P2P = "configs/forest/p2p_R18_s8.yaml"
 CPR = "configs/forest/cpr_R18_s8_r2.yaml"
+
+core = tool_helper("demo_core")  # what tools/demo.py runs once its arguments are parsed
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,7 +71,7 @@ def p2p_model(demo, p2p_weights, tmp_path_factory):
     from cpr_d2.engine import setup_cfg
 
     cfg = setup_cfg(args, output_subdir="demo")
-    return demo.load_model(cfg), cfg
+    return core.load_model(cfg), cfg
 
 
 def run_p2p(demo, weights, tmp_path, *argv):
@@ -123,7 +125,7 @@ def test_demo_reads_grayscale_rgba_and_palette_images(demo, p2p_weights, forest_
 
 
 def test_tile_grid_covers_the_image_and_cores_partition_it(demo):
-    tiles = demo.tile_grid(3000, 5000, 2048)
+    tiles = core.tile_grid(3000, 5000, 2048)
     assert len(tiles) == 6
     for t in tiles:
         assert 0 <= t.x0 < t.x1 <= 5000 and 0 <= t.y0 < t.y1 <= 3000
@@ -133,7 +135,7 @@ def test_tile_grid_covers_the_image_and_cores_partition_it(demo):
     ys = sorted({(t.cy0, t.cy1) for t in tiles})
     assert xs[0][0] == 0 and xs[-1][1] == 5000 and all(a[1] == b[0] for a, b in zip(xs, xs[1:]))
     assert ys[0][0] == 0 and ys[-1][1] == 3000 and all(a[1] == b[0] for a, b in zip(ys, ys[1:]))
-    assert demo.tile_grid(345, 416, 416) == [demo.Tile(0, 0, 416, 345, 0.0, 0.0, 416.0, 345.0)]
+    assert core.tile_grid(345, 416, 416) == [core.Tile(0, 0, 416, 345, 0.0, 0.0, 416.0, 345.0)]
 
 
 def test_predict_tiled_keeps_each_point_once(demo, monkeypatch):
@@ -163,9 +165,9 @@ def test_predict_tiled_keeps_each_point_once(demo, monkeypatch):
         inst.pred_classes = torch.zeros(len(xs), dtype=torch.int64)
         return inst
 
-    monkeypatch.setattr(demo, "predict_image", bright_pixels)
-    merged = demo.predict_tiled(object(), image, None, 256)
-    assert len(demo.tile_grid(height, width, 256)) == 20
+    monkeypatch.setattr(core, "predict_image", bright_pixels)
+    merged = core.predict_tiled(object(), image, None, 256)
+    assert len(core.tile_grid(height, width, 256)) == 20
     found = sorted(tuple(int(v) for v in p) for p in (merged.pred_points - 0.5).round())
     assert found == sorted(dots)  # no dot lost, none twice
 
@@ -180,8 +182,8 @@ def test_big_image_is_predicted_in_tiles(demo, p2p_weights, p2p_model, forest_im
         results.append(predict_tiled(*args, **kwargs))
         return results[-1]
 
-    predict_tiled = demo.predict_tiled
-    monkeypatch.setattr(demo, "predict_tiled", recording)
+    predict_tiled = core.predict_tiled
+    monkeypatch.setattr(core, "predict_tiled", recording)
     written = run_p2p(demo, p2p_weights, tmp_path, "--input", str(big), "--max-size", "160",
                       "--output", str(tmp_path / "out"))
     assert f"{big}: 256x200 px > --max-size 160, predicted in 4 tiles" in capsys.readouterr().out
@@ -191,18 +193,18 @@ def test_big_image_is_predicted_in_tiles(demo, p2p_weights, p2p_model, forest_im
     points = tiled.pred_points
     assert tiled.image_size == (200, 256)
     assert ((points >= 0) & (points <= torch.tensor([256.0, 200.0]))).all()
-    for t in demo.tile_grid(200, 256, 160):  # every tile contributed points
+    for t in core.tile_grid(200, 256, 160):  # every tile contributed points
         assert (((points[:, 0] >= t.cx0) & (points[:, 0] <= t.cx1)
                  & (points[:, 1] >= t.cy0) & (points[:, 1] <= t.cy1)).any())
     assert len(torch.unique(points, dim=0)) == len(points)
     # No two points of a class closer than the model's NMS allows (no double detections).
     model, cfg = p2p_model
-    again = demo.point_nms(points, tiled.scores, tiled.pred_classes, model.nms_box_size,
+    again = core.point_nms(points, tiled.scores, tiled.pred_classes, model.nms_box_size,
                            model.nms_thresh)
     assert len(again) == len(points)
     # An image that just fits in one tile: exactly the untiled prediction.
-    small = np.ascontiguousarray(demo.read_image(str(big), cfg.INPUT.FORMAT)[:128, :128])
-    whole = demo.predict_image(model, small, cfg)
+    small = np.ascontiguousarray(core.read_image(str(big), cfg.INPUT.FORMAT)[:128, :128])
+    whole = core.predict_image(model, small, cfg)
     single = predict_tiled(model, small, cfg, 128)
     assert len(whole) > 0
     assert torch.equal(single.pred_points, whole.pred_points)
@@ -223,7 +225,7 @@ def test_bad_inputs_are_named(demo, p2p_weights, forest_image, tmp_path):
     # In a folder: the bad file is reported and skipped, the others are drawn.
     good = folder / "good.png"
     Image.open(forest_image).save(good)
-    with pytest.raises(demo.DemoError, match="notes.png") as failure:
+    with pytest.raises(core.DemoError, match="notes.png") as failure:
         run_p2p(demo, p2p_weights, tmp_path, "--input", str(folder),
                 "--output", str(tmp_path / "o2"))
     assert failure.value.written == [str(tmp_path / "o2" / "good.png")]

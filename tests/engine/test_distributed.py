@@ -119,10 +119,12 @@ def _train(config, output_dir, test_sets):
     """tools/train_net.py's main, with a Trainer that keeps itself and its evaluator."""
     from torch.nn.parallel import DistributedDataParallel
 
+    import cpr_d2.engine
+
     train_net = load_tool("train_net")
     kept = {}
 
-    class KeepingTrainer(train_net.Trainer):
+    class KeepingTrainer(cpr_d2.engine.Trainer):
         def __init__(self, cfg):
             super().__init__(cfg)
             kept["trainer"] = self
@@ -132,11 +134,15 @@ def _train(config, output_dir, test_sets):
             kept["evaluator"] = super().build_evaluator(cfg, dataset_name, output_folder)
             return kept["evaluator"]
 
-    train_net.Trainer = KeepingTrainer
+    # train_net.main imports its Trainer from cpr_d2.engine when it runs.
+    cpr_d2.engine.Trainer, original = KeepingTrainer, cpr_d2.engine.Trainer
     args = train_net.argument_parser().parse_args(
         ["--config-file", config, "OUTPUT_DIR", str(output_dir), *FAST,
          "DATASETS.TEST", test_sets])
-    results = train_net.main(args)
+    try:
+        results = train_net.main(args)
+    finally:
+        cpr_d2.engine.Trainer = original
     model = kept["trainer"].model
     if isinstance(model, DistributedDataParallel):
         model = model.module

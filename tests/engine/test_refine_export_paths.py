@@ -20,8 +20,12 @@ def tool(monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("the refinement started before --output was checked")
 
-    monkeypatch.setattr(refine_export.Trainer, "build_model", no_work)
-    monkeypatch.setattr(refine_export, "refine_dataset", no_work)
+    # The tool imports these when it runs (after parsing its arguments).
+    import cpr_d2.engine.refine
+    from cpr_d2.engine import Trainer
+
+    monkeypatch.setattr(Trainer, "build_model", no_work)
+    monkeypatch.setattr(cpr_d2.engine.refine, "refine_dataset", no_work)
     return refine_export
 
 

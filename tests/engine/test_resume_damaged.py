@@ -171,3 +171,26 @@ def test_without_an_earlier_checkpoint_the_error_says_how_to_go_on(tmp_path):
     assert "and there is no earlier model_<iteration>.pth in the folder" in message
     assert "run without --resume" in message and "MODEL.WEIGHTS <file>" in message
     assert (tmp_path / "model_final.pth").exists()
+
+
+def test_eval_only_resume_evaluates_the_last_readable_checkpoint(trained, tmp_path):
+    out = _copy(trained, tmp_path / "run", ["model_0000001.pth", "model_0000003.pth"])
+    (out / "last_checkpoint").write_text("model_0000003.pth")
+    _cut_short(out / "model_0000003.pth")
+    train_net = load_tool("train_net")
+    args = train_net.argument_parser().parse_args(
+        ["--config-file", "configs/forest/cpr_R18_s8_r2.yaml", "--eval-only", "--resume",
+         *TINY, "OUTPUT_DIR", str(out)])
+    train_net.main(args)
+    log = (out / "log.txt").read_text()
+    assert f"--resume: the last checkpoint {out}/model_0000003.pth cannot be read" in log
+    assert f"Evaluating {out}/model_0000001.pth" in log
+    # Without a checkpoint in OUTPUT_DIR, --resume evaluates MODEL.WEIGHTS, strictly.
+    empty = tmp_path / "empty"
+    args = train_net.argument_parser().parse_args(
+        ["--config-file", "configs/forest/cpr_R18_s8_r2.yaml", "--eval-only", "--resume",
+         *TINY, "MODEL.WEIGHTS", str(trained / "model_final.pth"), "OUTPUT_DIR", str(empty)])
+    train_net.main(args)
+    log = (empty / "log.txt").read_text()
+    assert "has no last_checkpoint; evaluating MODEL.WEIGHTS" in log
+    assert f"Evaluating {trained}/model_final.pth" in log

@@ -13,7 +13,7 @@ CONFIG = "configs/forest/cpr_R18_s8_r2.yaml"
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("cpr_train")
     train_net = load_tool("train_net")
-    args = train_net.default_argument_parser().parse_args(
+    args = train_net.argument_parser().parse_args(
         ["--config-file", CONFIG, "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "4",
          "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1", "DATALOADER.NUM_WORKERS", "0",
          "SOLVER.CHECKPOINT_PERIOD", "2"])
@@ -47,13 +47,13 @@ def test_refine_export_writes_a_loadable_json(trained, tmp_path, capsys):
 
 def test_train_net_rejects_unknown_config_keys(tmp_path):
     train_net = load_tool("train_net")
-    args = train_net.default_argument_parser().parse_args(
+    args = train_net.argument_parser().parse_args(
         ["--config-file", CONFIG, "MODEL.CPR.RADIUSS", "3", "OUTPUT_DIR", str(tmp_path)])
     with pytest.raises(KeyError, match="command-line override: Non-existent key: MODEL.CPR.RADIUSS"):
         train_net.main(args)
     bad = tmp_path / "bad.yaml"
     bad.write_text("MODEL:\n  CPR:\n    RADIUS_RINGS: 3\n")
-    args = train_net.default_argument_parser().parse_args(["--config-file", str(bad)])
+    args = train_net.argument_parser().parse_args(["--config-file", str(bad)])
     with pytest.raises(KeyError, match=r"bad.yaml: Non-existent config key: MODEL.CPR.RADIUS_RINGS"):
         train_net.main(args)
 
@@ -114,7 +114,7 @@ def test_adaptive_config_trains_refines_and_draws_its_regions(tmp_path, capsys):
 
     train_net = load_tool("train_net")
     out = tmp_path / "train"
-    results = train_net.main(train_net.default_argument_parser().parse_args(
+    results = train_net.main(train_net.argument_parser().parse_args(
         ["--config-file", ADAPTIVE, "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "2",
          "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1", "DATALOADER.NUM_WORKERS", "0"]))
     cpr = results["cpr"]

@@ -16,7 +16,7 @@ FAST = ["SOLVER.MAX_ITER", "3", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1"
 
 def run_train_net(*opts):
     train_net = load_tool("train_net")
-    return train_net.main(train_net.default_argument_parser().parse_args(
+    return train_net.main(train_net.argument_parser().parse_args(
         ["--config-file", CONFIG, *opts]))
 
 
