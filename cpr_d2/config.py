@@ -226,10 +226,12 @@ def add_p2pnet_config(cfg):
     cfg.MODEL.P2PNET.DETECTIONS_PER_IMAGE = 100
     # Counting threshold: "" counts with TEST.POINT_AP.COUNT_SCORE_THRESH; "train"
     # chooses it after training on the training images (the per-image counts closest
-    # to the annotated ones; cpr_d2/engine/count_calibration.py) and stores it in the
-    # model, so the evaluator, the demo and every later user of model_final.pth count
-    # with it.
+    # to the annotated ones; cpr_d2/engine/count_calibration.py), "holdout" on the share
+    # COUNT_HOLDOUT of the training images, which are then kept out of training (the
+    # same images for every seed). The threshold is stored in the model, so the
+    # evaluator, the demo and every later user of model_final.pth count with it.
     cfg.MODEL.P2PNET.COUNT_CALIBRATION = ""
+    cfg.MODEL.P2PNET.COUNT_HOLDOUT = 0.2
     return cfg
 
 

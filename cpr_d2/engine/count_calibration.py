@@ -1,13 +1,22 @@
-"""A counting threshold for P2PNet chosen on its training images only.
+"""A counting threshold for P2PNet chosen on its training data only.
 
 Counting reports the detections that score above a threshold. A fixed 0.5 means
-nothing for a model whose scores all stay below it, so after training
-(MODEL.P2PNET.COUNT_CALIBRATION "train") the model predicts every training image
-(full images, no augmentation) and keeps the threshold whose per-image counts are
-closest to the annotated counts (smallest mean absolute error). The threshold is
-stored in the model (the `count_threshold` buffer, so it travels in model_final.pth)
-and the point-AP evaluator counts with it. The test set never reaches the choice.
+nothing for a model whose scores all stay below it, so after training the model
+predicts a set of annotated images (full images, no augmentation) and keeps the
+threshold whose per-image counts are closest to the annotated counts (smallest
+mean absolute error). MODEL.P2PNET.COUNT_CALIBRATION says which images:
+
+* "train": every training image. A model is more confident on images it was
+  trained on than on new ones, so this threshold can count too few on new images.
+* "holdout": a share MODEL.P2PNET.COUNT_HOLDOUT of the training images, kept out
+  of training (:func:`held_out_files`: the same images for every seed and run).
+  The model sees them for the first time, as it will see new images.
+
+The threshold is stored in the model (the `count_threshold` buffer, so it travels
+in model_final.pth) and the point-AP evaluator counts with it. The test set never
+reaches the choice.
 """
+import hashlib
 import logging
 
 import numpy as np
@@ -18,9 +27,57 @@ from detectron2.utils import comm
 
 from cpr_d2.data.mapper import count_objects
 
-__all__ = ["CountCalibrationHook", "calibrate_count_threshold", "choose_count_threshold"]
+__all__ = ["COUNT_CALIBRATIONS", "CountCalibrationHook", "calibrate_count_threshold",
+           "calibration_split", "check_count_calibration", "choose_count_threshold",
+           "held_out_files"]
 
 logger = logging.getLogger(__name__)
+
+COUNT_CALIBRATIONS = ("", "train", "holdout")
+
+
+def check_count_calibration(cfg):
+    """MODEL.P2PNET.COUNT_CALIBRATION, checked (with COUNT_HOLDOUT for "holdout")."""
+    calibration = cfg.MODEL.P2PNET.COUNT_CALIBRATION
+    if calibration not in COUNT_CALIBRATIONS:
+        raise ValueError(f"MODEL.P2PNET.COUNT_CALIBRATION must be one of "
+                         f"{COUNT_CALIBRATIONS}, got {calibration!r}")
+    share = cfg.MODEL.P2PNET.COUNT_HOLDOUT
+    if calibration == "holdout" and not 0 < share < 1:
+        raise ValueError(f"MODEL.P2PNET.COUNT_HOLDOUT must lie strictly between 0 and 1 (the "
+                         f"share of the training images kept out of training to choose the "
+                         f"counting threshold on), got {share}")
+    return calibration
+
+
+def held_out_files(records, share):
+    """The file names of the images that COUNT_CALIBRATION "holdout" keeps out of
+    training: round(share * n) of the n distinct images of `records` (at least one, and
+    at least one left to train on), the first in the order of the SHA-1 of their file
+    names. The same images for every seed, process and run, whatever the records' order.
+    ValueError for fewer than 2 images."""
+    names = sorted({r["file_name"] for r in records})
+    if len(names) < 2:
+        raise ValueError(f"MODEL.P2PNET.COUNT_CALIBRATION 'holdout' needs at least 2 training "
+                         f"images (one to train on, one to choose the threshold on); the "
+                         f"training set has {len(names)}. Use COUNT_CALIBRATION 'train'")
+    count = min(len(names) - 1, max(1, int(round(share * len(names)))))
+    order = sorted(names, key=lambda n: hashlib.sha1(n.encode("utf-8")).hexdigest())
+    return frozenset(order[:count])
+
+
+def calibration_split(cfg, records):
+    """(records to train on, records to choose the threshold on) of the training `records`
+    (all of cfg.DATASETS.TRAIN, as the DatasetCatalog gives them) by
+    MODEL.P2PNET.COUNT_CALIBRATION: "holdout" splits them (held_out_files); otherwise
+    all are trained on, and "train" chooses on all of them too ("": on none)."""
+    records = list(records)
+    calibration = check_count_calibration(cfg)
+    if calibration != "holdout":
+        return records, (records if calibration == "train" else [])
+    held = held_out_files(records, cfg.MODEL.P2PNET.COUNT_HOLDOUT)
+    return ([r for r in records if r["file_name"] not in held],
+            [r for r in records if r["file_name"] in held])
 
 
 def choose_count_threshold(scores_per_image, counts):
@@ -73,24 +130,28 @@ def calibrate_count_threshold(model, data_loader, dataset_dicts):
 
 
 class CountCalibrationHook(HookBase):
-    """After training: calibrate the counting threshold on the training datasets and save
-    model_final again with it (before the final evaluation, which counts with it)."""
+    """After training: choose the counting threshold on the images of
+    MODEL.P2PNET.COUNT_CALIBRATION (calibration_split) and save model_final again with
+    it (before the final evaluation, which counts with it). `build_loader(dicts)` builds
+    an inference loader over a list of dataset dicts."""
 
-    def __init__(self, cfg, build_test_loader):
+    def __init__(self, cfg, build_loader):
+        self.cfg = cfg
         self.dataset_names = tuple(cfg.DATASETS.TRAIN)
-        self.build_test_loader = build_test_loader
+        self.build_loader = build_loader
 
     def after_train(self):
         trainer = self.trainer
         if trainer.iter + 1 < trainer.max_iter:
             return  # stopped early (an error): nothing final to calibrate
-        dicts, loaders = [], []
-        for name in self.dataset_names:
-            dicts += DatasetCatalog.get(name)
-            loaders.append(self.build_test_loader(name))
-        batches = (batch for loader in loaders for batch in loader)
-        threshold, mae, n = calibrate_count_threshold(trainer.model, batches, dicts)
-        logger.info(f"Counting threshold chosen on the training set "
+        records = [r for name in self.dataset_names for r in DatasetCatalog.get(name)]
+        _, dicts = calibration_split(self.cfg, records)
+        threshold, mae, n = calibrate_count_threshold(trainer.model, self.build_loader(dicts),
+                                                      dicts)
+        which = ("the training set" if self.cfg.MODEL.P2PNET.COUNT_CALIBRATION == "train" else
+                 "the training images kept out of training (MODEL.P2PNET.COUNT_HOLDOUT "
+                 f"{self.cfg.MODEL.P2PNET.COUNT_HOLDOUT:g})")
+        logger.info(f"Counting threshold chosen on {which} "
                     f"({', '.join(self.dataset_names)}, {n} images): {threshold:.4f} "
-                    f"(training counting MAE {mae:.2f})")
+                    f"(counting MAE there {mae:.2f})")
         trainer.checkpointer.save("model_final")

@@ -36,13 +36,12 @@ from cpr_d2.evaluation.cpr_evaluator import CPREvaluator
 from cpr_d2.utils.io import atomic_path, write_text_atomic
 from cpr_d2.utils.threads import machine_share
 
-from .count_calibration import CountCalibrationHook
+from .count_calibration import CountCalibrationHook, calibration_split, check_count_calibration
 from .ema import EMAHook
 
 __all__ = ["AtomicCheckpointer", "Trainer", "setup_cfg", "is_cpr", "register_point_jsons"]
 
 OPTIMIZERS = ("SGD", "ADAM")
-COUNT_CALIBRATIONS = ("", "train")
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +246,8 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         """DefaultTrainer's hooks, plus SOLVER.EMA before the checkpointer (so model_final
         holds the average) and, for P2PNet with MODEL.P2PNET.COUNT_CALIBRATION "train",
-        the counting threshold's calibration before the final evaluation; first of all,
+        the counting threshold's calibration ("train" or "holdout") before the final
+        evaluation; first of all,
         the share of the machine's cores (cpr_d2.utils.threads)."""
         ret = [MachineShareHook()] + super().build_hooks()
         cfg = self.cfg
@@ -255,15 +255,13 @@ class Trainer(DefaultTrainer):
             before = next((k for k, h in enumerate(ret) if isinstance(
                 h, (hooks.PeriodicCheckpointer, hooks.EvalHook))), len(ret))
             ret.insert(before, EMAHook(self.model, cfg.SOLVER.EMA.DECAY))
-        calibration = cfg.MODEL.P2PNET.COUNT_CALIBRATION if not is_cpr(cfg) else ""
-        if calibration not in COUNT_CALIBRATIONS:
-            raise ValueError(f"MODEL.P2PNET.COUNT_CALIBRATION must be one of "
-                             f"{COUNT_CALIBRATIONS}, got {calibration!r}")
-        if calibration == "train":
+        if not is_cpr(cfg) and check_count_calibration(cfg):
             evaluator = next((k for k, h in enumerate(ret) if isinstance(h, hooks.EvalHook)),
                              len(ret))
+            mapper = PointDatasetMapper(cfg, is_train=False)
             ret.insert(evaluator, CountCalibrationHook(
-                cfg, lambda name: self.build_test_loader(cfg, name)))
+                cfg, lambda dicts: build_detection_test_loader(
+                    dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)))
         return ret
 
     @classmethod
@@ -292,6 +290,7 @@ class Trainer(DefaultTrainer):
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
         check_training_images(cfg, dataset)
+        dataset = _without_held_out(cfg, dataset)
         sampler = ResumableTrainingSampler(len(dataset), seed=data_seed(cfg))
         return build_resumable_train_loader(
             dataset, mapper, sampler, cfg.SOLVER.IMS_PER_BATCH,
@@ -323,6 +322,22 @@ class Trainer(DefaultTrainer):
             model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM)
         return maybe_add_gradient_clipping(cfg, torch.optim.Adam)(
             params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+
+
+def _without_held_out(cfg, dataset):
+    """The training records less those P2PNet's MODEL.P2PNET.COUNT_CALIBRATION "holdout"
+    keeps out of training to choose its counting threshold on."""
+    if is_cpr(cfg) or check_count_calibration(cfg) != "holdout":
+        return dataset
+    from detectron2.data import DatasetCatalog
+
+    catalog = [r for name in cfg.DATASETS.TRAIN for r in DatasetCatalog.get(name)]
+    held = {r["file_name"] for r in calibration_split(cfg, catalog)[1]}
+    kept = [r for r in dataset if r["file_name"] not in held]
+    logger.info("Counting calibration: %d of the %d training images kept out of training "
+                "(MODEL.P2PNET.COUNT_HOLDOUT %g), to choose the counting threshold on",
+                len(dataset) - len(kept), len(dataset), cfg.MODEL.P2PNET.COUNT_HOLDOUT)
+    return kept
 
 
 class MachineShareHook(hooks.HookBase):

@@ -7,6 +7,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.structures import Instances
 
 from cpr_d2.engine.count_calibration import (CountCalibrationHook, calibrate_count_threshold,
+                                             calibration_split, held_out_files,
                                              choose_count_threshold)
 
 
@@ -62,42 +63,107 @@ class _ScoreModel(torch.nn.Module):
         return out
 
 
+def _calibration_cfg(calibration, holdout=0.2, train=("calib_train",)):
+    from detectron2.config import CfgNode
+
+    return CfgNode({"DATASETS": CfgNode({"TRAIN": train, "TEST": ("calib_test",)}),
+                    "MODEL": CfgNode({"P2PNET": CfgNode({"COUNT_CALIBRATION": calibration,
+                                                         "COUNT_HOLDOUT": holdout})})})
+
+
+class _FakeTrainer:
+    iter, max_iter = 9, 10
+
+    def __init__(self, model, saved):
+        self.model = model
+        self.checkpointer = type("C", (), {"save": lambda _, name: saved.append(name)})()
+
+
+def _loader(built):
+    def build(dicts):
+        built.append([d["image_id"] for d in dicts])
+        return [[{"image_id": d["image_id"]}] for d in dicts]
+    return build
+
+
 def test_the_hook_reads_the_training_sets_only_and_resaves_the_model(tmp_path):
-    train = [{"image_id": 1, "annotations": [{}, {}]}, {"image_id": 2, "annotations": [{"iscrowd": 1}, {}]}]
+    train = [{"image_id": 1, "file_name": "a.png", "annotations": [{}, {}]},
+             {"image_id": 2, "file_name": "b.png", "annotations": [{"iscrowd": 1}, {}]}]
     DatasetCatalog.register("calib_train", lambda: train)
     DatasetCatalog.register("calib_test", lambda: pytest.fail("the test set was read"))
     try:
-        from detectron2.config import CfgNode
-
-        cfg = CfgNode({"DATASETS": CfgNode({"TRAIN": ("calib_train",), "TEST": ("calib_test",)})})
         model = _ScoreModel({1: [0.9, 0.6, 0.2], 2: [0.7, 0.1]})
-        built = []
-
-        def loader(name):
-            built.append(name)
-            return [[{"image_id": d["image_id"]}] for d in DatasetCatalog.get(name)]
-
-        saved = []
-
-        class Trainer:
-            iter, max_iter = 9, 10
-            checkpointer = type("C", (), {"save": lambda self, name: saved.append(name)})()
-
-        Trainer.model = model
-        hook = CountCalibrationHook(cfg, loader)
-        hook.trainer = Trainer()
+        built, saved = [], []
+        hook = CountCalibrationHook(_calibration_cfg("train"), _loader(built))
+        hook.trainer = _FakeTrainer(model, saved)
         hook.after_train()
-        assert built == ["calib_train"]
+        assert built == [[1, 2]]
         # 2 and 1 objects (the crowd one does not count): above 0.4 gives 2 and 1.
         assert float(model.count_threshold) == pytest.approx(0.4) and saved == ["model_final"]
         # A run that stopped early calibrates nothing.
         model.count_threshold.fill_(-1)
-        Trainer.iter = 3
+        hook.trainer.iter = 3
         hook.after_train()
         assert float(model.count_threshold) == -1 and saved == ["model_final"]
     finally:
         for name in ("calib_train", "calib_test"):
             DatasetCatalog.remove(name)
+
+
+def test_holdout_images_are_fixed_by_name_and_never_trained_on():
+    records = [{"image_id": k, "file_name": f"tile_{k}.png"} for k in range(36)]
+    held = held_out_files(records, 0.2)
+    assert len(held) == 7  # round(0.2 * 36)
+    assert held_out_files(list(reversed(records)), 0.2) == held  # order does not matter
+    assert held_out_files(records * 2, 0.2) == held  # an image listed twice counts once
+    assert len(held_out_files(records[:2], 0.01)) == 1 and len(held_out_files(records[:2], 0.99)) == 1
+    train, calib = calibration_split(_calibration_cfg("holdout"), records)
+    assert {r["file_name"] for r in calib} == held
+    assert not held & {r["file_name"] for r in train} and len(train) + len(calib) == 36
+    # "train" chooses on every training image, and trains on all of them.
+    train, calib = calibration_split(_calibration_cfg("train"), records)
+    assert train == calib == records
+    with pytest.raises(ValueError, match="needs at least 2 training images"):
+        held_out_files(records[:1], 0.2)
+    with pytest.raises(ValueError, match="COUNT_HOLDOUT must lie strictly between 0 and 1"):
+        calibration_split(_calibration_cfg("holdout", holdout=1.0), records)
+    with pytest.raises(ValueError, match="COUNT_CALIBRATION must be one of"):
+        calibration_split(_calibration_cfg("test"), records)
+
+
+def test_the_holdout_hook_chooses_on_the_held_out_images_only():
+    train = [{"image_id": k, "file_name": f"tile_{k}.png", "annotations": [{}] * k}
+             for k in range(1, 11)]
+    DatasetCatalog.register("calib_train", lambda: train)
+    DatasetCatalog.register("calib_test", lambda: pytest.fail("the test set was read"))
+    try:
+        held = held_out_files(train, 0.3)
+        model = _ScoreModel({r["image_id"]: [0.5] * r["image_id"] for r in train})
+        built, saved = [], []
+        hook = CountCalibrationHook(_calibration_cfg("holdout", 0.3), _loader(built))
+        hook.trainer = _FakeTrainer(model, saved)
+        hook.after_train()
+        assert built == [[r["image_id"] for r in train if r["file_name"] in held]]
+        assert float(model.count_threshold) < 0.5 and saved == ["model_final"]
+    finally:
+        for name in ("calib_train", "calib_test"):
+            DatasetCatalog.remove(name)
+
+
+def test_the_training_loader_leaves_the_held_out_images_out():
+    from cpr_d2.config import get_cpr_d2_cfg
+    from cpr_d2.engine.trainer import _without_held_out
+
+    cfg = get_cpr_d2_cfg()
+    cfg.merge_from_file("configs/forest/p2p_R18_s8.yaml")
+    cfg.MODEL.P2PNET.COUNT_CALIBRATION = "holdout"
+    records = DatasetCatalog.get("forest")
+    kept = _without_held_out(cfg, records)
+    held = held_out_files(records, cfg.MODEL.P2PNET.COUNT_HOLDOUT)
+    assert len(kept) == len(records) - len(held) and len(held) == 7
+    assert not held & {r["file_name"] for r in kept}
+    cfg.MODEL.P2PNET.COUNT_CALIBRATION = "train"
+    assert _without_held_out(cfg, records) == records
 
 
 def test_calibrate_restores_training_mode():

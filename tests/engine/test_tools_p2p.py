@@ -94,6 +94,22 @@ def test_ema_augmentation_and_a_counting_threshold_from_the_training_set(tmp_pat
     assert again["point_ap"]["MAE"] == pytest.approx(results["point_ap"]["MAE"])
 
 
+def test_a_counting_threshold_from_held_out_training_images(tmp_path):
+    import torch
+
+    results = run_train_net("OUTPUT_DIR", str(tmp_path), *FAST,
+                            "MODEL.P2PNET.COUNT_CALIBRATION", "holdout")
+    final = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    assert 0 <= float(final["model"]["count_threshold"]) <= 1
+    assert results["point_ap"]["count_threshold"] == pytest.approx(
+        float(final["model"]["count_threshold"]))
+    log = (tmp_path / "log.txt").read_text()
+    assert ("Counting calibration: 7 of the 36 training images kept out of training "
+            "(MODEL.P2PNET.COUNT_HOLDOUT 0.2)") in log
+    assert ("Counting threshold chosen on the training images kept out of training "
+            "(MODEL.P2PNET.COUNT_HOLDOUT 0.2) (forest, 7 images)") in log
+
+
 def test_unknown_count_calibration_names_the_key(tmp_path):
     with pytest.raises(ValueError, match="MODEL.P2PNET.COUNT_CALIBRATION must be one of"):
         run_train_net("OUTPUT_DIR", str(tmp_path), *FAST, "MODEL.P2PNET.COUNT_CALIBRATION", "test")
