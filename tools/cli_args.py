@@ -7,8 +7,12 @@ and meaning), plus cpr_d2's launch flags; `cpr_d2.engine.launch.check_launch`
 checks their combinations once the tool runs.
 """
 import argparse
+import os
+import re
 
 BACKENDS = ("auto", "nccl", "gloo")  # cpr_d2.engine.launch.BACKENDS
+# A config override's key (e.g. MODEL.WEIGHTS).
+CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
 
 _OPTS_HELP = ("config overrides as KEY VALUE pairs, last on the command line, e.g. "
               "SOLVER.MAX_ITER 100 MODEL.WEIGHTS model_final.pth; keys and their meaning: "
@@ -58,3 +62,16 @@ def launch_parser(description, training=True):
              "--num-gpus 0), nccl (CUDA GPUs) or gloo (CPU processes, needs --num-gpus 0)")
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER, help=_OPTS_HELP)
     return parser
+
+
+def hand_back_overrides(args, name="input"):
+    """`--input a.png MODEL.WEIGHTS m.pth`: an nargs="+" option swallows the overrides
+    that follow it. Move them, from the first upper-case dotted key that is not an
+    existing file, back to args.opts."""
+    values = getattr(args, name)
+    for k, item in enumerate(values):
+        if CONFIG_KEY.match(item) and not os.path.exists(item):
+            args.opts = values[k:] + list(args.opts)
+            setattr(args, name, values[:k])
+            break
+    return args

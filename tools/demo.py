@@ -34,14 +34,9 @@ OUTPUT_DIR/demo); an output that would replace an input is refused.
 Config overrides (KEY VALUE ...) go last; those following --input are recognised
 by their upper-case dotted key (e.g. MODEL.WEIGHTS).
 """
-import os
-import re
 import sys
 
-from cli_args import config_parser
-
-# A config override among the --input values (e.g. MODEL.WEIGHTS).
-_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
+from cli_args import config_parser, hand_back_overrides
 
 
 def parse_args(argv=None):
@@ -60,12 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-images", type=int, default=8,
                         help="CPRNet without --input: how many images of the dataset to draw")
     args = parser.parse_args(argv)
-    # `--input a.png MODEL.WEIGHTS m.pth`: nargs="+" swallows the overrides; hand them back.
-    for k, item in enumerate(args.input):
-        if _CONFIG_KEY.match(item) and not os.path.exists(item):
-            args.opts = args.input[k:] + list(args.opts)
-            args.input = args.input[:k]
-            break
+    hand_back_overrides(args)
     if bool(args.json) != bool(args.image_root):
         parser.error("--json and --image-root go together")
     if args.max_size < 1:

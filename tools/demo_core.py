@@ -4,12 +4,9 @@ Kept apart from the command so that `demo.py --help` answers before torch and
 detectron2 are imported."""
 import fnmatch
 import glob
-import math
 import os
-import re
 import sys
 import uuid
-from collections import namedtuple
 
 import numpy as np
 import torch
@@ -17,25 +14,15 @@ import torch
 import cpr_d2  # noqa: F401,I001  (first: registers datasets and models, quiets fvcore)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
-from detectron2.data import transforms as T
-from detectron2.data.catalog import Metadata
 from detectron2.modeling import build_model
-from detectron2.structures import Instances
 
 from cpr_d2.data import PointDatasetMapper, image_io, register_point_coco
-from cpr_d2.data.classes import checkpoint_classes, class_count_key
 from cpr_d2.engine import load_inference_weights, setup_cfg
-from cpr_d2.modeling.p2pnet import point_nms
+from cpr_d2.engine.predictor import PointPredictor, model_metadata, tile_grid
 from cpr_d2.utils.io import save_image_atomic
 from cpr_d2.utils.visualizer import PointVisualizer
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
-TILE_OVERLAP = 64  # pixels shared by neighbouring tiles (at most a quarter of a tile)
 ARCHITECTURES = ("P2PNet", "CPRNet")
-
-# A tile: pixels [x0, x1) x [y0, y1) of the image; its core [cx0, cx1) x [cy0, cy1)
-# (closed at the image's right / bottom edge) holds the points it keeps.
-Tile = namedtuple("Tile", "x0 y0 x1 y1 cx0 cy0 cx1 cy1")
 
 
 class DemoError(RuntimeError):
@@ -48,37 +35,6 @@ class DemoError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- inputs, outputs
-
-def resolve_inputs(patterns):
-    """[(path, explicit)] for files, folders and glob patterns, in order, without repeats.
-    `explicit`: named on the command line (a read error is then fatal)."""
-    found = []
-    for pattern in patterns:
-        if os.path.isdir(pattern):
-            files = sorted(os.path.join(pattern, f) for f in os.listdir(pattern)
-                           if f.lower().endswith(IMAGE_EXTENSIONS)
-                           and os.path.isfile(os.path.join(pattern, f)))
-            if not files:
-                raise FileNotFoundError(f"--input {pattern}: the folder holds no image "
-                                        f"({', '.join(IMAGE_EXTENSIONS)})")
-            found += [(f, False) for f in files]
-        elif os.path.isfile(pattern):
-            found.append((pattern, True))
-        elif glob.has_magic(pattern):
-            files = sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
-            if not files:
-                raise FileNotFoundError(f"--input {pattern}: the pattern matches no file")
-            found += [(f, False) for f in files]
-        else:
-            raise FileNotFoundError(f"--input {pattern}: no such file or folder")
-    seen, unique = set(), []
-    for path, explicit in found:
-        key = os.path.realpath(path)
-        if key not in seen:
-            seen.add(key)
-            unique.append((path, explicit))
-    return unique
-
 
 def output_paths(inputs, output_dir, suffix=".png"):
     """<output_dir>/<stem><suffix> per input; refuses to replace an input or to write two
@@ -128,98 +84,12 @@ def write_image(rgb, path):
 
 
 # ---------------------------------------------------------------------------- prediction
-
-def resize_transform(cfg, image):
-    """detectron2's test-time resize of `image` (none when INPUT.MIN_SIZE_TEST is 0)."""
-    min_size = cfg.INPUT.MIN_SIZE_TEST
-    if not min_size or (isinstance(min_size, (tuple, list)) and not any(min_size)):
-        return T.NoOpTransform()
-    return T.ResizeShortestEdge(min_size, cfg.INPUT.MAX_SIZE_TEST, "choice").get_transform(image)
-
-
-@torch.no_grad()
-def predict_image(model, image, cfg):
-    """P2PNet on one HWC image in cfg.INPUT.FORMAT: Instances (on the CPU) with
-    pred_points in the image's pixels, scores and pred_classes."""
-    height, width = image.shape[:2]
-    resized = resize_transform(cfg, image).apply_image(image)
-    tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-    return model([{"image": tensor, "height": height, "width": width}])[0]["instances"].to("cpu")
-
-
-def _axis_tiles(length, size, overlap):
-    """[(start, end, core_start, core_end)] along one axis of `length` pixels."""
-    if length <= size:
-        return [(0, length, 0.0, float(length))]
-    step = size - overlap
-    count = math.ceil((length - overlap) / step)
-    starts = [min(k * step, length - size) for k in range(count)]
-    # Neighbours share at least `overlap` pixels; their cores meet half-way through it.
-    cuts = ([0.0] + [(starts[k + 1] + starts[k] + size) / 2 for k in range(count - 1)]
-            + [float(length)])
-    return [(s, s + size, cuts[k], cuts[k + 1]) for k, s in enumerate(starts)]
-
-
-def tile_grid(height, width, max_size, overlap=None):
-    """The tiles (at most max_size x max_size) covering a height x width image; their
-    cores partition it. One tile when the image fits."""
-    if overlap is None:
-        overlap = min(TILE_OVERLAP, max_size // 4)
-    rows = _axis_tiles(height, max_size, overlap)
-    cols = _axis_tiles(width, max_size, overlap)
-    return [Tile(x0, y0, x1, y1, cx0, cy0, cx1, cy1)
-            for (y0, y1, cy0, cy1) in rows for (x0, x1, cx0, cx1) in cols]
-
-
-def _in_core(values, low, high, closed):
-    inside = values >= low
-    return inside & ((values <= high) if closed else (values < high))
-
-
-def predict_tiled(model, image, cfg, max_size, overlap=None):
-    """P2PNet on an image of any size: one pass when it fits in max_size x max_size,
-    else per tile, each tile's core points shifted back into the image and merged
-    (then class-wise NMS across tiles, for objects cut by a core border)."""
-    height, width = image.shape[:2]
-    tiles = tile_grid(height, width, max_size, overlap)
-    if len(tiles) == 1:
-        return predict_image(model, image, cfg)
-    points, scores, classes = [], [], []
-    for t in tiles:
-        inst = predict_image(model, np.ascontiguousarray(image[t.y0:t.y1, t.x0:t.x1]), cfg)
-        p = inst.pred_points.reshape(-1, 2) + inst.pred_points.new_tensor([t.x0, t.y0])
-        keep = (_in_core(p[:, 0], t.cx0, t.cx1, t.x1 == width)
-                & _in_core(p[:, 1], t.cy0, t.cy1, t.y1 == height))
-        points.append(p[keep])
-        scores.append(inst.scores[keep])
-        classes.append(inst.pred_classes[keep])
-    merged = Instances((height, width))
-    merged.pred_points = torch.cat(points)
-    merged.scores = torch.cat(scores)
-    merged.pred_classes = torch.cat(classes)
-    kept = point_nms(merged.pred_points, merged.scores, merged.pred_classes,
-                     getattr(model, "nms_box_size", 0.0), getattr(model, "nms_thresh", 1.0))
-    return merged[kept]
-
+# (cpr_d2.engine.predictor.PointPredictor: one pass, or tiles for large images)
 
 def _tiling_note(name, height, width, max_size):
     count = len(tile_grid(height, width, max_size))
     if count > 1:
         print(f"{name}: {width}x{height} px > --max-size {max_size}, predicted in {count} tiles")
-
-
-def demo_metadata(cfg, dataset=None):
-    """The class names to label points with: those the model was trained on (stored in
-    its checkpoint), else the dataset's, else 'class k'."""
-    name = dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
-    trained = checkpoint_classes(cfg.MODEL.WEIGHTS)
-    if trained is not None:
-        return Metadata(name=name, thing_classes=list(trained.names))
-    meta = MetadataCatalog.get(name)
-    if getattr(meta, "thing_classes", None):
-        return meta
-    node, _ = class_count_key(cfg)
-    return Metadata(name=name, thing_classes=[f"class {k}" for k in range(int(node.NUM_CLASSES))])
 
 
 def draw_predictions(rgb, metadata, instances, threshold):
@@ -235,10 +105,10 @@ def _skip(path, error, failed):
     failed.append((path, str(error)))
 
 
-def run_p2p_images(cfg, model, inputs, output_dir, args):
+def run_p2p_images(cfg, predictor, inputs, output_dir, args):
     written, failed = [], []
     outputs = output_paths([p for p, _ in inputs], output_dir)
-    metadata = demo_metadata(cfg)
+    metadata = model_metadata(cfg)
     for (path, explicit), out in zip(inputs, outputs):
         try:
             image = read_image(path, cfg.INPUT.FORMAT, cfg.INPUT.MAX_IMAGE_PIXELS,
@@ -250,7 +120,7 @@ def run_p2p_images(cfg, model, inputs, output_dir, args):
             continue
         height, width = image.shape[:2]
         _tiling_note(path, height, width, args.max_size)
-        instances = predict_tiled(model, image, cfg, args.max_size)
+        instances = predictor.predict_large(image, tile=args.max_size)
         rgb = utils.convert_image_to_rgb(image, cfg.INPUT.FORMAT)
         written.append(write_image(
             draw_predictions(rgb, metadata, instances, args.confidence_threshold), out))
@@ -267,7 +137,7 @@ def _frame_to_format(frame_bgr, image_format):
     raise ValueError(f"--video needs INPUT.FORMAT 'BGR' or 'RGB', got '{image_format}'")
 
 
-def run_p2p_video(cfg, model, path, output_dir, args):
+def run_p2p_video(cfg, predictor, path, output_dir, args):
     """Draw P2PNet's points on every frame of `path`; writes <output>/<stem>_points.mp4."""
     import cv2
 
@@ -279,7 +149,7 @@ def run_p2p_video(cfg, model, path, output_dir, args):
         raise ValueError(f"--video {path}: cannot open it as a video")
     fps = capture.get(cv2.CAP_PROP_FPS)
     fps = fps if fps and fps > 0 else 25.0
-    metadata = demo_metadata(cfg)
+    metadata = model_metadata(cfg)
     os.makedirs(output_dir, exist_ok=True)
     tmp = os.path.join(output_dir, f".{uuid.uuid4().hex[:8]}.tmp.mp4")
     writer, frames = None, 0
@@ -291,8 +161,8 @@ def run_p2p_video(cfg, model, path, output_dir, args):
             height, width = frame.shape[:2]
             if frames == 0:
                 _tiling_note(path, height, width, args.max_size)
-            instances = predict_tiled(model, _frame_to_format(frame, cfg.INPUT.FORMAT), cfg,
-                                      args.max_size)
+            instances = predictor.predict_large(_frame_to_format(frame, cfg.INPUT.FORMAT),
+                                                tile=args.max_size, progress=False)
             drawn = draw_predictions(frame[:, :, ::-1], metadata, instances,
                                      args.confidence_threshold)
             if writer is None:
@@ -359,7 +229,7 @@ def _select_records(records, patterns, name, max_images):
         on_disk = os.path.exists(pattern) or (
             glob.has_magic(pattern) and any(os.path.isfile(f) for f in glob.glob(pattern)))
         if on_disk:
-            for path, explicit in resolve_inputs([pattern]):
+            for path, explicit in image_io.find_images([pattern]):
                 record = by_path.get(os.path.realpath(path)) or by_name.get(os.path.basename(path))
                 if record is None or not _annotated(record):
                     error = f"{path}: no point annotations in dataset '{name}'; {_NEEDS_POINTS}"
@@ -385,7 +255,7 @@ def select_cpr_records(cfg, args):
     name, temporary = _cpr_dataset(cfg, args)
     try:
         records = DatasetCatalog.get(name)
-        metadata = demo_metadata(cfg, name)
+        metadata = model_metadata(cfg, name)
     finally:
         if temporary:
             DatasetCatalog.remove(name)
@@ -418,6 +288,8 @@ def run_cpr(cfg, model, chosen, outputs, metadata):
 
 
 def load_model(cfg):
+    """CPRNet with cfg.MODEL.WEIGHTS loaded strictly, in eval mode (P2PNet runs through a
+    PointPredictor)."""
     model = build_model(cfg)
     load_inference_weights(model, cfg.MODEL.WEIGHTS)
     model.eval()
@@ -444,23 +316,23 @@ def run(args):
         check_headers([r["file_name"] for r, explicit in chosen if explicit],
                       cfg.INPUT.MAX_IMAGE_PIXELS)
     else:
-        inputs, failed = resolve_inputs(args.input), []
+        inputs, failed = image_io.find_images(args.input), []
         output_paths([p for p, _ in inputs], output_dir)
         check_headers([p for p, explicit in inputs if explicit], cfg.INPUT.MAX_IMAGE_PIXELS)
-    model = load_model(cfg)
-    if not cpr and args.confidence_threshold is None:
-        calibrated = float(getattr(model, "count_threshold", torch.tensor(-1.0)))
-        args.confidence_threshold = calibrated if calibrated >= 0 else 0.3
-        if calibrated >= 0:
-            print(f"drawing and counting points scoring >= {calibrated:.3g}, the threshold "
-                  "this model chose on its training images")
     if cpr:
-        written, more = run_cpr(cfg, model, chosen, outputs, metadata)
+        written, more = run_cpr(cfg, load_model(cfg), chosen, outputs, metadata)
     else:
-        written, more = run_p2p_images(cfg, model, inputs, output_dir, args) if inputs \
+        predictor = PointPredictor(cfg)
+        if args.confidence_threshold is None:
+            calibrated = predictor.count_threshold
+            args.confidence_threshold = 0.3 if calibrated is None else calibrated
+            if calibrated is not None:
+                print(f"drawing and counting points scoring >= {calibrated:.3g}, the threshold "
+                      "this model chose on its training images")
+        written, more = run_p2p_images(cfg, predictor, inputs, output_dir, args) if inputs \
             else ([], [])
         if args.video:
-            written.append(run_p2p_video(cfg, model, args.video, output_dir, args))
+            written.append(run_p2p_video(cfg, predictor, args.video, output_dir, args))
     failed += more
     if failed:
         lines = "\n".join(f"  {p}: {reason}" for p, reason in failed)

@@ -40,6 +40,7 @@ PIL's own decompression-bomb limit is lifted while this module opens and decodes
 file whose size it has checked itself: the error a user sees names the project's key.
 """
 import contextlib
+import glob
 import os
 import threading
 
@@ -55,12 +56,16 @@ __all__ = [
     "PERCENTILES",
     "PixelLimitError",
     "check_normalize",
+    "IMAGE_EXTENSIONS",
     "check_pixel_limit",
+    "find_images",
     "image_header",
     "normalize_to_uint8",
     "read_image",
 ]
 
+# The files a folder given as input contributes (find_images).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 # The default of INPUT.MAX_IMAGE_PIXELS (cpr_d2/config.py).
 DEFAULT_MAX_PIXELS = 100_000_000
 NORMALIZE_RULES = ("percentile", "range")
@@ -274,3 +279,37 @@ def read_image(path, format="BGR", max_pixels=DEFAULT_MAX_PIXELS, normalize="per
         except Exception as e:  # truncated or corrupt pixel data
             raise ImageReadError(path, _reason(e)) from None
     return utils.convert_PIL_to_numpy(Image.fromarray(gray), format)
+
+
+def find_images(patterns):
+    """[(path, explicit)] for image files, folders (their IMAGE_EXTENSIONS files, sorted)
+    and glob patterns, in order, without repeats. `explicit`: the file was named itself
+    (a command makes its read error fatal; the others are reported and skipped).
+    FileNotFoundError, naming the pattern, for a missing file or folder, a folder
+    without images and a pattern that matches nothing."""
+    found = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            files = sorted(os.path.join(pattern, f) for f in os.listdir(pattern)
+                           if f.lower().endswith(IMAGE_EXTENSIONS)
+                           and os.path.isfile(os.path.join(pattern, f)))
+            if not files:
+                raise FileNotFoundError(f"--input {pattern}: the folder holds no image "
+                                        f"({', '.join(IMAGE_EXTENSIONS)})")
+            found += [(f, False) for f in files]
+        elif os.path.isfile(pattern):
+            found.append((pattern, True))
+        elif glob.has_magic(pattern):
+            files = sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
+            if not files:
+                raise FileNotFoundError(f"--input {pattern}: the pattern matches no file")
+            found += [(f, False) for f in files]
+        else:
+            raise FileNotFoundError(f"--input {pattern}: no such file or folder")
+    seen, unique = set(), []
+    for path, explicit in found:
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append((path, explicit))
+    return unique

@@ -8,6 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+from cpr_d2.modeling.p2pnet import point_nms
+from tests.model_helpers import untrained_checkpoint
 from tests.tool_loader import load_tool, tool_helper
 
 P2P = "configs/forest/p2p_R18_s8.yaml"
@@ -30,29 +32,14 @@ def demo():
     return load_tool("demo")
 
 
-def _checkpoint(config, path):
-    from detectron2.modeling import build_model
-
-    from cpr_d2.config import get_cpr_d2_cfg
-    from cpr_d2.data.classes import resolve_num_classes
-
-    cfg = get_cpr_d2_cfg()
-    cfg.merge_from_file(config)
-    resolve_num_classes(cfg, training=True)  # the forest configs take it from the data
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    torch.save({"model": model.state_dict()}, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def p2p_weights(tmp_path_factory):
-    return _checkpoint(P2P, tmp_path_factory.mktemp("p2p") / "m.pth")
+    return untrained_checkpoint(P2P, tmp_path_factory.mktemp("p2p") / "m.pth")
 
 
 @pytest.fixture(scope="module")
 def cpr_weights(tmp_path_factory):
-    return _checkpoint(CPR, tmp_path_factory.mktemp("cpr") / "m.pth")
+    return untrained_checkpoint(CPR, tmp_path_factory.mktemp("cpr") / "m.pth")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +58,7 @@ def p2p_model(demo, p2p_weights, tmp_path_factory):
     from cpr_d2.engine import setup_cfg
 
     cfg = setup_cfg(args, output_subdir="demo")
-    return core.load_model(cfg), cfg
+    return core.PointPredictor(cfg), cfg
 
 
 def run_p2p(demo, weights, tmp_path, *argv):
@@ -124,54 +111,6 @@ def test_demo_reads_grayscale_rgba_and_palette_images(demo, p2p_weights, forest_
     assert np.abs(drawn_gray - gray).mean() < np.abs(drawn_gray - np.asarray(source)).mean()
 
 
-def test_tile_grid_covers_the_image_and_cores_partition_it(demo):
-    tiles = core.tile_grid(3000, 5000, 2048)
-    assert len(tiles) == 6
-    for t in tiles:
-        assert 0 <= t.x0 < t.x1 <= 5000 and 0 <= t.y0 < t.y1 <= 3000
-        assert t.x1 - t.x0 <= 2048 and t.y1 - t.y0 <= 2048
-        assert t.x0 <= t.cx0 < t.cx1 <= t.x1 and t.y0 <= t.cy0 < t.cy1 <= t.y1
-    xs = sorted({(t.cx0, t.cx1) for t in tiles})
-    ys = sorted({(t.cy0, t.cy1) for t in tiles})
-    assert xs[0][0] == 0 and xs[-1][1] == 5000 and all(a[1] == b[0] for a, b in zip(xs, xs[1:]))
-    assert ys[0][0] == 0 and ys[-1][1] == 3000 and all(a[1] == b[0] for a, b in zip(ys, ys[1:]))
-    assert core.tile_grid(345, 416, 416) == [core.Tile(0, 0, 416, 345, 0.0, 0.0, 416.0, 345.0)]
-
-
-def test_predict_tiled_keeps_each_point_once(demo, monkeypatch):
-    """A stand-in model that finds bright pixels: merged over tiles, every dot of the image
-    comes back exactly once, at its place, including dots in the tile overlaps."""
-    height, width = 700, 900
-    image = np.zeros((height, width, 3), np.uint8)
-    rng = np.random.default_rng(0)
-    dots = {(int(x), int(y))
-            for x, y in zip(rng.integers(0, width, 400), rng.integers(0, height, 400))}
-    # Dots at the image edges, the tile edges and the core borders (x 224, 416, 608, 738;
-    # y 224, 416, 542) too.
-    dots |= {(x, y) for x in (0, 191, 192, 223, 224, 255, 256, 415, 416, 643, 644, 737, 738,
-                              width - 1)
-             for y in (0, 223, 224, 255, 256, 443, 444, 541, 542, height - 1)}
-    for x, y in dots:
-        image[y, x] = 255
-
-    def bright_pixels(model, tile, cfg):
-        from detectron2.structures import Instances
-
-        ys, xs = np.nonzero(tile[:, :, 0])
-        inst = Instances(tile.shape[:2])
-        points = np.stack([xs, ys], 1) + 0.5
-        inst.pred_points = torch.tensor(points, dtype=torch.float32).reshape(-1, 2)
-        inst.scores = torch.ones(len(xs))
-        inst.pred_classes = torch.zeros(len(xs), dtype=torch.int64)
-        return inst
-
-    monkeypatch.setattr(core, "predict_image", bright_pixels)
-    merged = core.predict_tiled(object(), image, None, 256)
-    assert len(core.tile_grid(height, width, 256)) == 20
-    found = sorted(tuple(int(v) for v in p) for p in (merged.pred_points - 0.5).round())
-    assert found == sorted(dots)  # no dot lost, none twice
-
-
 def test_big_image_is_predicted_in_tiles(demo, p2p_weights, p2p_model, forest_image, tmp_path,
                                          capsys, monkeypatch):
     big = tmp_path / "big.png"
@@ -179,11 +118,11 @@ def test_big_image_is_predicted_in_tiles(demo, p2p_weights, p2p_model, forest_im
     results = []
 
     def recording(*args, **kwargs):
-        results.append(predict_tiled(*args, **kwargs))
+        results.append(predict_large(*args, **kwargs))
         return results[-1]
 
-    predict_tiled = core.predict_tiled
-    monkeypatch.setattr(core, "predict_tiled", recording)
+    predict_large = core.PointPredictor.predict_large
+    monkeypatch.setattr(core.PointPredictor, "predict_large", recording)
     written = run_p2p(demo, p2p_weights, tmp_path, "--input", str(big), "--max-size", "160",
                       "--output", str(tmp_path / "out"))
     assert f"{big}: 256x200 px > --max-size 160, predicted in 4 tiles" in capsys.readouterr().out
@@ -198,14 +137,15 @@ def test_big_image_is_predicted_in_tiles(demo, p2p_weights, p2p_model, forest_im
                  & (points[:, 1] >= t.cy0) & (points[:, 1] <= t.cy1)).any())
     assert len(torch.unique(points, dim=0)) == len(points)
     # No two points of a class closer than the model's NMS allows (no double detections).
-    model, cfg = p2p_model
-    again = core.point_nms(points, tiled.scores, tiled.pred_classes, model.nms_box_size,
-                           model.nms_thresh)
+    predictor, cfg = p2p_model
+    model = predictor.model
+    again = point_nms(points, tiled.scores, tiled.pred_classes, model.nms_box_size,
+                      model.nms_thresh)
     assert len(again) == len(points)
     # An image that just fits in one tile: exactly the untiled prediction.
     small = np.ascontiguousarray(core.read_image(str(big), cfg.INPUT.FORMAT)[:128, :128])
-    whole = core.predict_image(model, small, cfg)
-    single = predict_tiled(model, small, cfg, 128)
+    whole = predictor(small)
+    single = predict_large(predictor, small, tile=128)
     assert len(whole) > 0
     assert torch.equal(single.pred_points, whole.pred_points)
     assert torch.equal(single.scores, whole.scores)
@@ -306,7 +246,7 @@ def test_video_gets_points_on_every_frame(demo, p2p_weights, forest_image, tmp_p
 
 
 def test_a_calibrated_model_draws_and_counts_at_its_threshold(demo, forest_image, tmp_path, capsys):
-    weights = _checkpoint(P2P, tmp_path / "calibrated.pth")
+    weights = untrained_checkpoint(P2P, tmp_path / "calibrated.pth")
     state = torch.load(weights, weights_only=False)
     state["model"]["count_threshold"] = torch.tensor(0.0095)
     torch.save(state, weights)

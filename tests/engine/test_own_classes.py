@@ -17,14 +17,14 @@ from cpr_d2.config import get_cpr_d2_cfg
 from cpr_d2.data import dataset_files, register_point_coco
 from cpr_d2.data.classes import checkpoint_classes, resolve_num_classes, training_classes
 from cpr_d2.evaluation import PointAPEvaluator
+from cpr_d2.engine.predictor import model_metadata
 from cpr_d2.evaluation.evaluator import prediction_class_indices
-from tests.tool_loader import load_tool, tool_helper
+from tests.tool_loader import load_tool
 
 CLASSES = [{"id": 3, "name": "pine"}, {"id": 7, "name": "oak"}]
 FAST = ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",
         "DATALOADER.NUM_WORKERS", "0", "SOLVER.CHECKPOINT_PERIOD", "100"]
 
-core = tool_helper("demo_core")  # what tools/demo.py runs once its arguments are parsed
 
 
 def two_class_json(split, images, path):
@@ -122,12 +122,12 @@ def test_checkpoints_carry_the_class_names(own, trained):
     assert (classes.names, classes.category_ids) == (["pine", "oak"], [3, 7])
     assert classes.datasets == [own["names"]["train"]]
     assert "NUM_CLASSES: 2" in (out / "config.yaml").read_text()
-    # The demo labels with the names the model was trained on, whatever DATASETS.TEST says.
-    demo = load_tool("demo")
+    # The predictor (and the demo) label with the names the model was trained on, whatever
+    # DATASETS.TEST says.
     cfg = p2p_cfg("elsewhere", count=2)
     cfg.DATASETS.TEST = ("forest_test",)
     cfg.MODEL.WEIGHTS = str(out / "model_final.pth")
-    assert core.demo_metadata(cfg).thing_classes == ["pine", "oak"]
+    assert model_metadata(cfg).thing_classes == ["pine", "oak"]
 
 
 def test_predictions_use_the_dataset_ids_and_load_back(own, trained, tmp_path):

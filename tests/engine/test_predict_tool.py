@@ -1,0 +1,135 @@
+"""tools/predict.py: points as data (point json or csv), resumable, bad images skipped."""
+import csv
+import json
+import os
+import shutil
+
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from cpr_d2.data import dataset_files, register_point_coco
+from tests.model_helpers import untrained_checkpoint
+from tests.tool_loader import load_tool
+
+P2P = "configs/forest/p2p_R18_s8.yaml"
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return str(untrained_checkpoint(P2P, tmp_path_factory.mktemp("predict") / "m.pth"))
+
+
+@pytest.fixture
+def images(tmp_path):
+    """A folder of 2 forest tiles and a file that is no image."""
+    _, root = dataset_files("forest_test")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in sorted(os.listdir(root))[:2]:
+        shutil.copy(os.path.join(root, name), folder / name)
+    (folder / "broken.png").write_text("not an image")
+    return folder
+
+
+def predict(tmp_path, weights, *argv):
+    tool = load_tool("predict")
+    args = tool.parse_args([*argv, "--config-file", P2P, "--min-score", "0.001",
+                            "MODEL.WEIGHTS", weights, "MODEL.P2PNET.SCORE_THRESH", "0.0",
+                            "OUTPUT_DIR", str(tmp_path / "run")])
+    return tool.main(args)
+
+
+def test_json_output_loads_back_and_bad_images_are_skipped(tmp_path, weights, images, capsys):
+    out = tmp_path / "points.json"
+    rows, failed = predict(tmp_path, weights, "--input", str(images), "--output", str(out))
+    assert [os.path.basename(p) for p, _ in failed] == ["broken.png"]
+    assert "cannot read the image" in failed[0][1]
+    assert len(rows) == 2 and all(len(r["points"]) > 0 for r in rows)
+    assert not os.path.exists(str(out) + ".partial.jsonl")
+    data = json.loads(out.read_text())
+    assert data["categories"] == [{"id": 1, "name": "tree"}]
+    assert data["info"]["settings"]["min_score"] == pytest.approx(0.001)
+    assert all(a["score"] >= 0.001 for a in data["annotations"])
+    # pycocotools and register_point_coco read it: the same points per image.
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(out))
+    assert len(coco.getAnnIds()) == sum(len(r["points"]) for r in rows)
+    register_point_coco("predict_tool_out", str(out), "")
+    try:
+        records = DatasetCatalog.get("predict_tool_out")
+        assert [len(r["annotations"]) for r in records] == [len(r["points"]) for r in rows]
+        assert records[0]["annotations"][0]["point"] == pytest.approx(rows[0]["points"][0])
+        assert (records[0]["height"], records[0]["width"]) == (rows[0]["height"], rows[0]["width"])
+    finally:
+        DatasetCatalog.remove("predict_tool_out")
+        MetadataCatalog.remove("predict_tool_out")
+
+
+def test_a_rerun_goes_on_where_the_last_one_stopped(tmp_path, weights, images, capsys):
+    (images / "broken.png").unlink()
+    out = tmp_path / "points.json"
+    first = sorted(os.listdir(images))[0]
+    predict(tmp_path, weights, "--input", str(images / first), "--output", str(out))
+    whole = json.loads(out.read_text())
+    # A run killed in the middle of the second image: its partial file ends in a cut line.
+    partial = str(out) + ".partial.jsonl"
+    settings = whole["info"]["settings"]
+    row = {"file_name": str(images / first), "height": 1, "width": 1, "points": [],
+           "scores": [], "classes": []}
+    with open(partial, "w") as f:
+        f.write(json.dumps({"settings": settings}) + "\n" + json.dumps(row) + "\n"
+                + '{"file_name": "cut sh')
+    out.unlink()
+    capsys.readouterr()
+    rows, failed = predict(tmp_path, weights, "--input", str(images), "--output", str(out))
+    assert "2 images: 1 done before, 1 to predict" in capsys.readouterr().out
+    assert not failed and len(rows) == 2
+    assert rows[0] == row  # taken from the partial file, not predicted again
+    # With the output complete, a rerun over a folder with one more image predicts that one.
+    shutil.copy(images / first, images / "zz_new.png")
+    capsys.readouterr()
+    rows, _ = predict(tmp_path, weights, "--input", str(images), "--output", str(out))
+    assert "3 images: 2 done before, 1 to predict" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert [os.path.basename(im["file_name"]) for im in data["images"]] == sorted(
+        os.listdir(images))
+    # Another score threshold is another run: refused, the output kept.
+    before = out.read_bytes()
+    tool = load_tool("predict")
+    args = tool.parse_args(["--input", str(images), "--output", str(out), "--config-file", P2P,
+                            "--min-score", "0.5", "MODEL.WEIGHTS", weights,
+                            "OUTPUT_DIR", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match=r"points.json was written by a run with other "
+                                         r"settings \(min_score"):
+        tool.main(args)
+    assert out.read_bytes() == before
+
+
+def test_csv_output(tmp_path, weights, images):
+    out = tmp_path / "points.csv"
+    rows, _ = predict(tmp_path, weights, "--input", str(images / "*_c0.png"), str(images / "*.png"),
+                      "--output", str(out))
+    with open(out) as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["image", "x", "y", "class", "score"]
+    assert len(table) - 1 == sum(len(r["points"]) for r in rows)
+    assert {t[3] for t in table[1:]} == {"tree"}
+    with pytest.raises(ValueError, match="exists; a csv cannot be continued"):
+        predict(tmp_path, weights, "--input", str(images), "--output", str(out))
+
+
+@pytest.mark.parametrize("output, message", [
+    ("points.txt", "ending in .json .*or .csv"),
+    ("folder", "is a folder; give a file name"),
+    ("images/first", "is one of the input images"),
+    ("blocker/points.json", "is a file, not a folder"),
+])
+def test_bad_outputs_are_refused_before_any_work(tmp_path, weights, images, output, message):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "blocker").write_text("")
+    first = sorted(os.listdir(images))[0]
+    target = str(images / first) if output == "images/first" else str(tmp_path / output)
+    with pytest.raises(ValueError, match=message):
+        predict(tmp_path, weights, "--input", str(images), "--output", target)
+    assert not (tmp_path / "run").exists()  # refused before the config and the model
