@@ -33,12 +33,13 @@ from detectron2.structures import Instances
 from tqdm import tqdm
 
 from cpr_d2.data.classes import checkpoint_classes, class_count_key
+from cpr_d2.data.mapper import annotations_to_point_instances
 from cpr_d2.modeling.p2pnet import point_nms
 
 from .checkpoint import load_inference_weights
 
-__all__ = ["DEFAULT_TILE", "PointPredictor", "Tile", "TILE_OVERLAP", "model_metadata",
-           "tile_grid"]
+__all__ = ["DEFAULT_TILE", "PointPredictor", "PointRefiner", "Tile", "TILE_OVERLAP",
+           "model_metadata", "tile_grid"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,48 @@ def model_metadata(cfg, dataset=None):
     return Metadata(name=name, thing_classes=[f"class {k}" for k in range(int(node.NUM_CLASSES))])
 
 
-class PointPredictor:
+class _Inference:
+    """A model of `arch` built from `cfg`, MODEL.WEIGHTS loaded strictly, in eval mode."""
+
+    arch = None
+
+    def __init__(self, cfg):
+        if cfg.MODEL.META_ARCHITECTURE != self.arch:
+            raise ValueError(f"{type(self).__name__} runs {self.arch}; the config builds "
+                             f"{cfg.MODEL.META_ARCHITECTURE}")
+        self.cfg = cfg.clone()
+        self.cfg.freeze()
+        self.model = build_model(self.cfg)
+        load_inference_weights(self.model, self.cfg.MODEL.WEIGHTS)
+        self.model.eval()
+        self.metadata = model_metadata(self.cfg)
+        self.input_format = self.cfg.INPUT.FORMAT
+
+    def _check(self, image):
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an H x W x 3 uint8 image in {self.input_format} order "
+                             f"(cpr_d2.data.image_io.read_image reads one), got "
+                             f"{image.dtype} of shape {image.shape}")
+        return image
+
+    def _resize(self, image):
+        """detectron2's test-time resize (INPUT.MIN_SIZE_TEST; 0: none)."""
+        min_size = self.cfg.INPUT.MIN_SIZE_TEST
+        if not min_size or (isinstance(min_size, (tuple, list)) and not any(min_size)):
+            return T.NoOpTransform()
+        return T.ResizeShortestEdge(min_size, self.cfg.INPUT.MAX_SIZE_TEST,
+                                    "choice").get_transform(image)
+
+    def _input(self, image, transform=None):
+        height, width = image.shape[:2]
+        transform = transform or self._resize(image)
+        resized = transform.apply_image(image)
+        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        return {"image": tensor, "height": height, "width": width}
+
+
+class PointPredictor(_Inference):
     """A P2PNet built from `cfg` with cfg.MODEL.WEIGHTS loaded strictly (every weight must
     come from the file, cpr_d2.engine.checkpoint.load_inference_weights), in eval mode.
 
@@ -113,39 +155,15 @@ class PointPredictor:
             (MODEL.P2PNET.COUNT_CALIBRATION), or None.
     """
 
+    arch = "P2PNet"
+
     def __init__(self, cfg):
-        if cfg.MODEL.META_ARCHITECTURE != "P2PNet":
-            raise ValueError(f"PointPredictor runs P2PNet; the config builds "
-                             f"{cfg.MODEL.META_ARCHITECTURE}")
-        self.cfg = cfg.clone()
-        self.cfg.freeze()
-        self.model = build_model(self.cfg)
-        load_inference_weights(self.model, self.cfg.MODEL.WEIGHTS)
-        self.model.eval()
-        self.metadata = model_metadata(self.cfg)
+        super().__init__(cfg)
         trained = checkpoint_classes(self.cfg.MODEL.WEIGHTS)
         self.category_ids = (list(trained.category_ids) if trained is not None else
                              list(range(1, len(self.metadata.thing_classes) + 1)))
-        self.input_format = self.cfg.INPUT.FORMAT
         threshold = float(getattr(self.model, "count_threshold", torch.tensor(-1.0)))
         self.count_threshold = threshold if threshold >= 0 else None
-
-    def _check(self, image):
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected an H x W x 3 uint8 image in {self.input_format} order "
-                             f"(cpr_d2.data.image_io.read_image reads one), got "
-                             f"{image.dtype} of shape {image.shape}")
-        return image
-
-    def _input(self, image):
-        height, width = image.shape[:2]
-        min_size = self.cfg.INPUT.MIN_SIZE_TEST
-        if min_size and not (isinstance(min_size, (tuple, list)) and not any(min_size)):
-            resize = T.ResizeShortestEdge(min_size, self.cfg.INPUT.MAX_SIZE_TEST, "choice")
-            image = resize.get_transform(image).apply_image(image)
-        tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        return {"image": tensor, "height": height, "width": width}
 
     @torch.no_grad()
     def _predict(self, images):
@@ -199,3 +217,40 @@ class PointPredictor:
         kept = point_nms(merged.pred_points, merged.scores, merged.pred_classes,
                          self.model.nms_box_size, self.model.nms_thresh)
         return merged[kept]
+
+
+class PointRefiner(_Inference):
+    """A CPRNet built from `cfg` with cfg.MODEL.WEIGHTS loaded strictly, in eval mode:
+    `refiner(image, points, classes)` refines the annotated points of one image.
+
+        refiner = PointRefiner(cfg)
+        inst = refiner(image_bgr, [[120.5, 80.0], [300.0, 42.5]], classes=[0, 0])
+        inst.pred_points, inst.coarse_points, inst.scores, inst.refined
+    """
+
+    arch = "CPRNet"
+
+    @torch.no_grad()
+    def __call__(self, image, points, classes=None):
+        """Instances (on the CPU), one row per point that lies on the image, in the order
+        given: pred_points (the refined points, in the image's pixels), coarse_points
+        (the points given), scores, pred_classes, refined (False where a point stayed)
+        and gt_ann_index (the position in `points`). `classes`: the model's class index
+        of each point (0 for all when omitted)."""
+        image = self._check(image)
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        classes = np.zeros(len(points), np.int64) if classes is None else \
+            np.asarray(classes, dtype=np.int64).reshape(-1)
+        if len(classes) != len(points):
+            raise ValueError(f"{len(points)} points but {len(classes)} classes")
+        names = self.metadata.thing_classes
+        if len(classes) and not 0 <= classes.min() <= classes.max() < len(names):
+            raise ValueError(f"classes must be the model's class indices, 0 to "
+                             f"{len(names) - 1} ({', '.join(names)})")
+        transform = self._resize(image)
+        inputs = self._input(image, transform)
+        annotations = [{"point": p.tolist(), "category_id": int(c)}
+                       for p, c in zip(points, classes)]
+        inputs["instances"] = annotations_to_point_instances(
+            annotations, T.TransformList([transform]), tuple(inputs["image"].shape[1:]))
+        return self.model([inputs])[0]["instances"].to("cpu")

@@ -165,3 +165,33 @@ def test_predictor_refuses_other_models_and_weights(tmp_path, predictor):
     cfg.MODEL.WEIGHTS = str(tmp_path / "missing.pth")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         PointPredictor(cfg)
+
+
+def test_point_refiner_equals_the_model_on_the_mapped_record(tmp_path, one_thread):
+    from detectron2.data import DatasetCatalog
+
+    from cpr_d2.data import PointDatasetMapper, image_io
+    from cpr_d2.engine.predictor import PointRefiner
+
+    cpr = "configs/forest/cpr_R18_s8_r2.yaml"
+    cfg = get_cpr_d2_cfg()
+    cfg.merge_from_file(cpr)
+    resolve_num_classes(cfg, training=True)
+    cfg.MODEL.WEIGHTS = str(untrained_checkpoint(cpr, tmp_path / "cpr.pth"))
+    refiner = PointRefiner(cfg)
+    record = next(r for r in DatasetCatalog.get("forest") if r["annotations"])
+    anns = [a for a in record["annotations"] if not a.get("iscrowd", 0)]
+    image = image_io.read_image(record["file_name"], format=cfg.INPUT.FORMAT)
+    got = refiner(image, [a["point"] for a in anns], [a["category_id"] for a in anns])
+    mapper = PointDatasetMapper(refiner.cfg, is_train=False, with_annotations=True)
+    with torch.no_grad():
+        expected = refiner.model([mapper(dict(record, annotations=anns))])[0]["instances"]
+    assert len(got) == len(anns) > 0
+    assert torch.equal(got.pred_points, expected.pred_points)
+    assert torch.equal(got.coarse_points, torch.tensor([a["point"] for a in anns],
+                                                       dtype=torch.float32))
+    assert torch.equal(got.gt_ann_index, torch.arange(len(anns)))
+    with pytest.raises(ValueError, match="classes must be the model's class indices, 0 to 0"):
+        refiner(image, [[1.0, 1.0]], [3])
+    with pytest.raises(ValueError, match="2 points but 1 classes"):
+        refiner(image, [[1.0, 1.0], [2.0, 2.0]], [0])
