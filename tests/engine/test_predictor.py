@@ -4,11 +4,9 @@ import pytest
 import torch
 from detectron2.structures import Instances
 
-from cpr_d2.config import get_cpr_d2_cfg
-from cpr_d2.data.classes import resolve_num_classes
 from cpr_d2.engine.predictor import PointPredictor, Tile, _in_core, tile_grid
 from cpr_d2.modeling.p2pnet import point_nms
-from tests.model_helpers import untrained_checkpoint
+from tests.model_helpers import untrained_cfg
 
 P2P = "configs/forest/p2p_R18_s8.yaml"
 
@@ -95,10 +93,7 @@ def test_predict_large_checks_its_image():
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory):
     """An untrained tiny P2PNet that keeps every point (score threshold 0)."""
-    cfg = get_cpr_d2_cfg()
-    cfg.merge_from_file(P2P)
-    resolve_num_classes(cfg, training=True)
-    cfg.MODEL.WEIGHTS = str(untrained_checkpoint(P2P, tmp_path_factory.mktemp("predictor") / "m.pth"))
+    cfg = untrained_cfg(P2P, tmp_path_factory.mktemp("predictor") / "m.pth")
     cfg.MODEL.P2PNET.SCORE_THRESH = 0.0
     cfg.MODEL.P2PNET.DETECTIONS_PER_IMAGE = 1000
     return PointPredictor(cfg)
@@ -174,14 +169,10 @@ def test_point_refiner_equals_the_model_on_the_mapped_record(tmp_path, one_threa
     from cpr_d2.engine.predictor import PointRefiner
 
     cpr = "configs/forest/cpr_R18_s8_r2.yaml"
-    cfg = get_cpr_d2_cfg()
-    cfg.merge_from_file(cpr)
-    resolve_num_classes(cfg, training=True)
-    cfg.MODEL.WEIGHTS = str(untrained_checkpoint(cpr, tmp_path / "cpr.pth"))
-    refiner = PointRefiner(cfg)
+    refiner = PointRefiner(untrained_cfg(cpr, tmp_path / "cpr.pth"))
     record = next(r for r in DatasetCatalog.get("forest") if r["annotations"])
     anns = [a for a in record["annotations"] if not a.get("iscrowd", 0)]
-    image = image_io.read_image(record["file_name"], format=cfg.INPUT.FORMAT)
+    image = image_io.read_image(record["file_name"], format=refiner.input_format)
     got = refiner(image, [a["point"] for a in anns], [a["category_id"] for a in anns])
     mapper = PointDatasetMapper(refiner.cfg, is_train=False, with_annotations=True)
     with torch.no_grad():

@@ -1,0 +1,127 @@
+"""Run an exported P2PNet with numpy alone: prepare an image, decode the network's raw
+outputs into points, scores and classes, exactly as P2PNet.inference does.
+
+This file ships beside every exported model (tools/export_model.py) and imports
+numpy only. With the model's ``p2pnet.json`` and onnxruntime::
+
+    import json, numpy as np, onnxruntime as ort
+    import p2p_decode
+
+    params = json.load(open("export/p2pnet.json"))
+    session = ort.InferenceSession("export/p2pnet.onnx", providers=["CPUExecutionProvider"])
+    batch, size = p2p_decode.prepare(image_bgr, params)      # H x W x 3 uint8
+    logits, offsets = session.run(None, {"image": batch})
+    points, scores, classes = p2p_decode.decode(logits[0], offsets[0], size, params)
+
+``points`` (N, 2) are x, y in the image's pixels, ``scores`` (N,) and ``classes``
+(N,) the model's class indices (``params["classes"]`` has their names and dataset
+ids), by decreasing score. The network takes a float32 (1, 3, H, W) image whose
+H and W are multiples of ``params["size_divisibility"]``, in the channel order
+``params["input_format"]``; it returns the class logits (1, A * L, h, w) and the
+point offsets (1, A * 2, h, w) of every cell of its stride-``params["stride"]``
+feature map (A anchor points per cell, L logits per anchor).
+"""
+import numpy as np
+
+__all__ = ["anchor_points", "decode", "nms", "prepare"]
+
+
+def prepare(image, params):
+    """(batch, (height, width)): the H x W x 3 uint8 image (channels in
+    params["input_format"]) as the network's float32 (1, 3, H', W') input, padded at the
+    right and bottom to multiples of params["size_divisibility"] with the pixel mean
+    (what detectron2's padding of the normalised image amounts to)."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an H x W x 3 uint8 image, got {image.dtype} of shape "
+                         f"{image.shape}")
+    if params.get("min_size_test"):
+        raise ValueError(f"the model was tested on images resized to a short side of "
+                         f"{params['min_size_test']} px (INPUT.MIN_SIZE_TEST): resize the image "
+                         "so before, or export with INPUT.MIN_SIZE_TEST 0")
+    height, width = image.shape[:2]
+    d = int(params["size_divisibility"]) or 1
+    padded_h, padded_w = -(-height // d) * d, -(-width // d) * d
+    mean = np.asarray(params["pixel_mean"], np.float32).reshape(3, 1, 1)
+    batch = np.empty((1, 3, padded_h, padded_w), np.float32)
+    batch[0] = mean
+    batch[0, :, :height, :width] = image.transpose(2, 0, 1)
+    return batch, (height, width)
+
+
+def anchor_points(height, width, stride, rows=1, cols=1):
+    """(height * width * rows * cols, 2) float32 anchor points, cell by cell (row-major),
+    then anchor by anchor within the cell (cpr_d2.modeling.p2pnet.anchor_points)."""
+    f32 = np.float32
+    ys = (np.arange(height, dtype=f32) + f32(0.5)) * f32(stride)
+    xs = (np.arange(width, dtype=f32) + f32(0.5)) * f32(stride)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    centres = np.stack([xx.reshape(-1), yy.reshape(-1)], axis=1)
+    oy = ((np.arange(rows, dtype=f32) + f32(0.5)) / f32(rows) - f32(0.5)) * f32(stride)
+    ox = ((np.arange(cols, dtype=f32) + f32(0.5)) / f32(cols) - f32(0.5)) * f32(stride)
+    oyy, oxx = np.meshgrid(oy, ox, indexing="ij")
+    offsets = np.stack([oxx.reshape(-1), oyy.reshape(-1)], axis=1)
+    return (centres[:, None, :] + offsets[None]).reshape(-1, 2).astype(f32)
+
+
+def nms(points, scores, classes, box_size, iou_threshold):
+    """Indices kept by class-wise NMS on box_size x box_size boxes centred on the points
+    (a box goes when its IoU with a kept, higher-scoring box of its class exceeds
+    iou_threshold), by decreasing score; box_size <= 0 keeps all."""
+    order = np.argsort(-scores, kind="stable")
+    if box_size <= 0 or len(points) == 0:
+        return order
+    half = np.float32(0.5 * box_size)
+    x0, y0 = points[:, 0] - half, points[:, 1] - half
+    x1, y1 = points[:, 0] + half, points[:, 1] + half
+    area = (x1 - x0) * (y1 - y0)
+    suppressed = np.zeros(len(points), bool)
+    keep = []
+    for i in order:
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        w = np.clip(np.minimum(x1[i], x1) - np.maximum(x0[i], x0), 0, None)
+        h = np.clip(np.minimum(y1[i], y1) - np.maximum(y0[i], y0), 0, None)
+        inter = w * h
+        iou = inter / (area[i] + area - inter)
+        suppressed |= (iou > iou_threshold) & (classes == classes[i])
+    return np.asarray(keep, dtype=np.int64)
+
+
+def decode(logits, offsets, size, params, out_size=None):
+    """(points, scores, classes) of one image from the network's raw outputs for it
+    (logits (A * L, h, w), offsets (A * 2, h, w)); `size` is the (height, width) prepare
+    returned, `out_size` the size to give the points in (default: `size`)."""
+    f32 = np.float32
+    num_classes = int(params["num_classes"])
+    anchors_per_cell = int(params["anchor_rows"]) * int(params["anchor_cols"])
+    stride = f32(params["stride"])
+    h, w = logits.shape[1:]
+    logits = logits.astype(f32).transpose(1, 2, 0).reshape(h * w * anchors_per_cell, -1)
+    offsets = offsets.astype(f32).transpose(1, 2, 0).reshape(h * w * anchors_per_cell, 2)
+    anchors = anchor_points(h, w, stride, params["anchor_rows"], params["anchor_cols"])
+    pred_points = anchors + stride * offsets
+    if params["class_loss"] == "focal":
+        scores = (f32(1) / (f32(1) + np.exp(-logits))).astype(f32)
+    else:
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        scores = (e / e.sum(axis=1, keepdims=True))[:, :-1].astype(f32)
+    height, width = size
+    inside = (anchors[:, 0] < width) & (anchors[:, 1] < height)
+    scores = scores[inside].reshape(-1)
+    points = pred_points[inside]
+    keep = np.nonzero(scores > f32(params["score_thresh"]))[0]
+    scores = scores[keep]
+    if len(scores) > int(params["topk_candidates"]):
+        top = np.argsort(-scores, kind="stable")[: int(params["topk_candidates"])]
+        scores, keep = scores[top], keep[top]
+    classes = keep % num_classes
+    points = points[keep // num_classes]
+    out_h, out_w = out_size or size
+    points = points * np.asarray([out_w / width, out_h / height], f32)
+    points[:, 0] = np.clip(points[:, 0], 0, out_w)
+    points[:, 1] = np.clip(points[:, 1], 0, out_h)
+    kept = nms(points, scores, classes, params["nms_box_size"], params["nms_thresh"])
+    kept = kept[: int(params["detections_per_image"])]
+    return points[kept], scores[kept], classes[kept]

@@ -1,0 +1,154 @@
+"""Exported P2PNet (TorchScript, ONNX) and its numpy decoder against the eager model."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cpr_d2.engine.predictor import PointPredictor
+from cpr_d2.export import P2PNetRaw, decode_params, export_p2pnet
+from tests.model_helpers import untrained_cfg
+from tests.tool_loader import load_tool
+
+P2P = "configs/forest/p2p_R18_s8.yaml"
+DECODER = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "cpr_d2", "export",
+                       "p2p_decode.py")
+
+
+def _decoder():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("p2p_decode", DECODER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    return PointPredictor(untrained_cfg(P2P, tmp_path_factory.mktemp("export") / "m.pth"))
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Two forest_test tiles (BGR) and a crop whose size is no multiple of 32."""
+    from detectron2.data import DatasetCatalog
+
+    from cpr_d2.data import image_io
+
+    records = DatasetCatalog.get("forest_test")
+    tiles = [image_io.read_image(r["file_name"], format="BGR") for r in records[:2]]
+    return tiles + [np.ascontiguousarray(tiles[0][:201, :187])]
+
+
+def _threshold_in_a_gap(model, image):
+    """A score threshold halfway through the widest gap among the 300 best scores of the
+    image: the points it keeps are the same whatever the last bits of the scores (an
+    untrained model's scores are all close to its prior)."""
+    raw = P2PNetRaw(model).eval()
+    d = model.backbone.size_divisibility
+    h, w = image.shape[:2]
+    x = torch.zeros(1, 3, -(-h // d) * d, -(-w // d) * d) + model.pixel_mean
+    x[0, :, :h, :w] = torch.as_tensor(image.transpose(2, 0, 1).copy()).float()
+    with torch.no_grad():
+        logits, _ = raw(x)
+    scores = np.sort(logits.sigmoid().flatten().numpy())[::-1][:300]
+    gaps = scores[:-1] - scores[1:]
+    k = int(np.argmax(gaps[20:])) + 20  # keep at least 20 points
+    return float((scores[k] + scores[k + 1]) / 2)
+
+
+def _eager(predictor, image, threshold):
+    predictor.model.score_thresh = threshold
+    inst = predictor(image)
+    return inst.pred_points.numpy(), inst.scores.numpy(), inst.pred_classes.numpy()
+
+
+def test_numpy_decoding_of_the_raw_outputs_equals_the_model(predictor, images):
+    decoder = _decoder()
+    params = decode_params(predictor.cfg, predictor.model)
+    raw = P2PNetRaw(predictor.model).eval()
+    for image in images:
+        threshold = _threshold_in_a_gap(predictor.model, image)
+        points, scores, classes = _eager(predictor, image, threshold)
+        batch, size = decoder.prepare(image, dict(params))
+        with torch.no_grad():
+            logits, offsets = (t.numpy() for t in raw(torch.from_numpy(batch)))
+        got = decoder.decode(logits[0], offsets[0], size, dict(params, score_thresh=threshold))
+        assert len(got[0]) == len(points) >= 5  # 20 or more before the NMS
+        np.testing.assert_allclose(got[0], points, atol=1e-4)
+        np.testing.assert_allclose(got[1], scores, atol=1e-6)
+        np.testing.assert_array_equal(got[2], classes)
+
+
+def test_torchscript_and_onnx_match_the_eager_model(predictor, images, tmp_path):
+    out = tmp_path / "export"
+    written = load_tool("export_model").main(load_tool("export_model").parse_args(
+        ["--config-file", P2P, "--output", str(out), "MODEL.WEIGHTS", predictor.cfg.MODEL.WEIGHTS,
+         "OUTPUT_DIR", str(tmp_path / "run")]))
+    assert sorted(os.path.basename(p) for p in written) == [
+        "p2p_decode.py", "p2pnet.json", "p2pnet.onnx", "p2pnet.ts"]
+    params = json.loads((out / "p2pnet.json").read_text())
+    assert params["classes"] == [{"index": 0, "id": 1, "name": "tree"}]
+    decoder = _decoder()
+    thresholds, expected = [], []
+    for k, image in enumerate(images):
+        thresholds.append(_threshold_in_a_gap(predictor.model, image))
+        expected.append(_eager(predictor, image, thresholds[-1]))
+        np.save(tmp_path / f"image{k}.npy", image)
+    # TorchScript, in this process.
+    traced = torch.jit.load(str(out / "p2pnet.ts"))
+    for image, threshold, (points, scores, classes) in zip(images, thresholds, expected):
+        batch, size = decoder.prepare(image, params)
+        with torch.no_grad():
+            logits, offsets = (t.numpy() for t in traced(torch.from_numpy(batch)))
+        got = decoder.decode(logits[0], offsets[0], size, dict(params, score_thresh=threshold))
+        assert len(got[0]) == len(points)
+        np.testing.assert_allclose(got[0], points, atol=1e-3)
+        np.testing.assert_allclose(got[1], scores, atol=1e-4)
+        np.testing.assert_array_equal(got[2], classes)
+    # ONNX with onnxruntime, in a process that imports neither torch nor detectron2.
+    script = f"""
+import json, sys
+import numpy as np
+import onnxruntime as ort
+sys.path.insert(0, {str(out)!r})
+import p2p_decode
+params = json.load(open({str(out / "p2pnet.json")!r}))
+session = ort.InferenceSession({str(out / "p2pnet.onnx")!r}, providers=["CPUExecutionProvider"])
+for k, threshold in enumerate({thresholds!r}):
+    image = np.load({str(tmp_path)!r} + f"/image{{k}}.npy")
+    batch, size = p2p_decode.prepare(image, params)
+    logits, offsets = session.run(None, {{"image": batch}})
+    points, scores, classes = p2p_decode.decode(logits[0], offsets[0], size,
+                                                dict(params, score_thresh=threshold))
+    np.savez({str(tmp_path)!r} + f"/onnx{{k}}.npz", points=points, scores=scores, classes=classes)
+assert "torch" not in sys.modules and "detectron2" not in sys.modules
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300, cwd=str(tmp_path))
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+    for k, (points, scores, classes) in enumerate(expected):
+        got = np.load(tmp_path / f"onnx{k}.npz")
+        assert len(got["points"]) == len(points)
+        np.testing.assert_allclose(got["points"], points, atol=1e-3)
+        np.testing.assert_allclose(got["scores"], scores, atol=1e-4)
+        np.testing.assert_array_equal(got["classes"], classes)
+
+
+def test_export_refuses_bad_requests(predictor, tmp_path):
+    with pytest.raises(ValueError, match="export formats must be among"):
+        export_p2pnet(predictor, str(tmp_path), formats=("tflite",))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    tool = load_tool("export_model")
+    with pytest.raises(ValueError, match="is a file; give a folder"):
+        tool.main(tool.parse_args(["--config-file", P2P, "--output", str(blocker),
+                                   "MODEL.WEIGHTS", predictor.cfg.MODEL.WEIGHTS]))
+    decoder = _decoder()
+    with pytest.raises(ValueError, match="expected an H x W x 3 uint8 image"):
+        decoder.prepare(np.zeros((4, 4), np.uint8), decode_params(predictor.cfg, predictor.model))
