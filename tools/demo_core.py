@@ -9,16 +9,14 @@ import sys
 import uuid
 
 import numpy as np
-import torch
 
 import cpr_d2  # noqa: F401,I001  (first: registers datasets and models, quiets fvcore)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
-from detectron2.modeling import build_model
 
-from cpr_d2.data import PointDatasetMapper, image_io, register_point_coco
-from cpr_d2.engine import load_inference_weights, setup_cfg
-from cpr_d2.engine.predictor import PointPredictor, model_metadata, tile_grid
+from cpr_d2.data import image_io, register_point_coco
+from cpr_d2.engine import setup_cfg
+from cpr_d2.engine.predictor import PointPredictor, PointRefiner, model_metadata, tile_grid
 from cpr_d2.utils.io import save_image_atomic
 from cpr_d2.utils.visualizer import PointVisualizer
 
@@ -264,36 +262,25 @@ def select_cpr_records(cfg, args):
     return chosen, metadata, failed
 
 
-@torch.no_grad()
-def run_cpr(cfg, model, chosen, outputs, metadata):
-    mapper = PointDatasetMapper(cfg, is_train=False, with_annotations=True)
+def run_cpr(cfg, refiner, chosen, outputs, metadata):
     written, failed = [], []
     for (record, explicit), out in zip(chosen, outputs):
         try:
-            image = read_image(record["file_name"], "RGB", cfg.INPUT.MAX_IMAGE_PIXELS,
+            image = read_image(record["file_name"], cfg.INPUT.FORMAT, cfg.INPUT.MAX_IMAGE_PIXELS,
                                cfg.INPUT.NORMALIZE)
-            mapped = mapper(record)
         except (OSError, ValueError) as e:
             if explicit:
                 raise
             _skip(record["file_name"], e, failed)
             continue
-        inst = model([mapped])[0]["instances"].to("cpu")
-        vis = PointVisualizer(image, metadata)
+        anns = [a for a in record["annotations"] if not a.get("iscrowd", 0)]
+        inst = refiner(image, [a["point"] for a in anns], [a["category_id"] for a in anns])
+        vis = PointVisualizer(utils.convert_image_to_rgb(image, cfg.INPUT.FORMAT), metadata)
         drawn = vis.draw_refinement(inst.coarse_points, inst.pred_points,
                                     inst.pred_classes).get_image()
         written.append(write_image(drawn, out))
         print(f"wrote {out}")
     return written, failed
-
-
-def load_model(cfg):
-    """CPRNet with cfg.MODEL.WEIGHTS loaded strictly, in eval mode (P2PNet runs through a
-    PointPredictor)."""
-    model = build_model(cfg)
-    load_inference_weights(model, cfg.MODEL.WEIGHTS)
-    model.eval()
-    return model
 
 
 def run(args):
@@ -320,7 +307,7 @@ def run(args):
         output_paths([p for p, _ in inputs], output_dir)
         check_headers([p for p, explicit in inputs if explicit], cfg.INPUT.MAX_IMAGE_PIXELS)
     if cpr:
-        written, more = run_cpr(cfg, load_model(cfg), chosen, outputs, metadata)
+        written, more = run_cpr(cfg, PointRefiner(cfg), chosen, outputs, metadata)
     else:
         predictor = PointPredictor(cfg)
         if args.confidence_threshold is None:

@@ -133,3 +133,25 @@ def test_bad_outputs_are_refused_before_any_work(tmp_path, weights, images, outp
     with pytest.raises(ValueError, match=message):
         predict(tmp_path, weights, "--input", str(images), "--output", target)
     assert not (tmp_path / "run").exists()  # refused before the config and the model
+
+
+@pytest.mark.parametrize("case, message", [
+    ("cpr weights", r"does not fit this P2PNet"),
+    ("corrupt weights", r"is not a checkpoint torch can read"),
+    ("no images", r"the folder holds no image"),
+])
+def test_bad_models_and_inputs_leave_nothing_written(tmp_path, weights, images, case, message):
+    out = tmp_path / "points.json"
+    model, source = weights, str(images)
+    if case == "cpr weights":
+        model = str(untrained_checkpoint("configs/forest/cpr_R18_s8_r2.yaml", tmp_path / "c.pth"))
+    elif case == "corrupt weights":
+        model = str(tmp_path / "cut.pth")
+        with open(weights, "rb") as f, open(model, "wb") as g:
+            g.write(f.read()[:1000])
+    else:
+        (tmp_path / "empty").mkdir()
+        source = str(tmp_path / "empty")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        predict(tmp_path, model, "--input", source, "--output", str(out))
+    assert not out.exists() and not os.path.exists(str(out) + ".partial.jsonl")
