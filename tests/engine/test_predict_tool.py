@@ -155,3 +155,87 @@ def test_bad_models_and_inputs_leave_nothing_written(tmp_path, weights, images, 
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         predict(tmp_path, model, "--input", source, "--output", str(out))
     assert not out.exists() and not os.path.exists(str(out) + ".partial.jsonl")
+
+
+def _centres_json(path, folder="elsewhere"):
+    """A predictions json with a point at every forest_test tree's box centre (score 1), its
+    images named as in the dataset but in another folder."""
+    images, annotations = [], []
+    for k, r in enumerate(DatasetCatalog.get("forest_test"), start=1):
+        images.append({"id": k, "file_name": os.path.join(folder, os.path.basename(r["file_name"])),
+                       "height": r["height"], "width": r["width"]})
+        for a in r["annotations"]:
+            x, y, w, h = a["bbox"]
+            annotations.append({"id": len(annotations) + 1, "image_id": k, "category_id": 1,
+                                "point": [x + w / 2, y + h / 2], "score": 1.0})
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "tree"}]}))
+    return path
+
+
+def test_evaluate_points_scores_a_predictions_file(tmp_path):
+    tool = load_tool("evaluate_points")
+    preds = _centres_json(tmp_path / "centres.json")
+    results = tool.main(tool.parse_args(["--predictions", str(preds), "--dataset", "forest_test",
+                                         "--output-dir", str(tmp_path / "eval")]))
+    metrics = results["point_ap"]
+    # The metric computed directly on the dataset's records: the file's images were
+    # matched to the right records by name.
+    import numpy as np
+
+    from cpr_d2.evaluation.evaluator import load_point_ground_truth
+    from cpr_d2.evaluation.point_ap import evaluate_point_ap
+
+    _, _, gts = load_point_ground_truth("forest_test")
+    dets = []
+    for r in DatasetCatalog.get("forest_test"):
+        centres = [[a["bbox"][0] + a["bbox"][2] / 2, a["bbox"][1] + a["bbox"][3] / 2]
+                   for a in r["annotations"]]
+        dets.append({"points": np.asarray(centres, np.float64).reshape(-1, 2),
+                     "scores": np.ones(len(centres), np.float32),
+                     "classes": np.zeros(len(centres), np.int64)})
+    direct = evaluate_point_ap(gts, dets, 1).metrics()
+    assert metrics["AP@0.5"] == pytest.approx(100 * direct["AP@0.5"]) and metrics["AP@0.5"] > 98
+    assert metrics["MAE"] == pytest.approx(direct["MAE"])
+    saved = json.loads((tmp_path / "eval" / "point_ap_metrics.json").read_text())
+    assert saved["AP@0.5"] == pytest.approx(metrics["AP@0.5"])
+    assert "Point AP on 'forest_test'" in (tmp_path / "eval" / "log.txt").read_text()
+    # Half the images predicted: the others count as empty.
+    data = json.loads(preds.read_text())
+    keep = {im["id"] for im in data["images"][::2]}
+    data["images"] = [im for im in data["images"] if im["id"] in keep]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    half = tmp_path / "half.json"
+    half.write_text(json.dumps(data))
+    partial = tool.main(tool.parse_args(["--predictions", str(half), "--dataset", "forest_test"]))
+    assert 0 < partial["point_ap"]["AP@0.5"] < metrics["AP@0.5"] - 20
+
+
+@pytest.mark.parametrize("change, message", [
+    ("foreign image", r"1 predicted image\(s\) are not in dataset 'forest_test', e.g. .*x.png"),
+    ("unknown class", r"category_id 9, which dataset 'forest_test' does not have"),
+    ("not a point json", r"not a point json"),
+])
+def test_evaluate_points_refuses_what_it_cannot_match(tmp_path, change, message):
+    tool = load_tool("evaluate_points")
+    data = json.loads(_centres_json(tmp_path / "centres.json").read_text())
+    if change == "foreign image":
+        data["images"][0]["file_name"] = "x.png"
+    elif change == "unknown class":
+        data["annotations"][0]["category_id"] = 9
+    else:
+        data = [{"image_id": 1, "point": [1, 1]}]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        tool.main(tool.parse_args(["--predictions", str(bad), "--dataset", "forest_test"]))
+
+
+def test_predict_then_evaluate(tmp_path, weights):
+    _, root = dataset_files("forest_test")
+    out = tmp_path / "points.json"
+    predict(tmp_path, weights, "--input", root, "--output", str(out))
+    tool = load_tool("evaluate_points")
+    results = tool.main(tool.parse_args(["--predictions", str(out), "--dataset", "forest_test",
+                                         "--config-file", P2P]))
+    assert {"AP@0.5", "AP@1", "AP@2", "mAP", "MAE"} <= set(results["point_ap"])
