@@ -135,8 +135,22 @@ def test_bad_outputs_are_refused_before_any_work(tmp_path, weights, images, outp
     assert not (tmp_path / "run").exists()  # refused before the config and the model
 
 
+def _two_class_checkpoint(path):
+    import torch
+    from detectron2.modeling import build_model
+
+    from cpr_d2.config import get_cpr_d2_cfg
+
+    cfg = get_cpr_d2_cfg()
+    cfg.merge_from_file(P2P)
+    cfg.MODEL.P2PNET.NUM_CLASSES = 2
+    torch.save({"model": build_model(cfg).state_dict()}, path)
+    return str(path)
+
+
 @pytest.mark.parametrize("case, message", [
     ("cpr weights", r"does not fit this P2PNet"),
+    ("other class count", r"does not fit this P2PNet: .*another shape"),
     ("corrupt weights", r"is not a checkpoint torch can read"),
     ("no images", r"the folder holds no image"),
 ])
@@ -145,6 +159,8 @@ def test_bad_models_and_inputs_leave_nothing_written(tmp_path, weights, images, 
     model, source = weights, str(images)
     if case == "cpr weights":
         model = str(untrained_checkpoint("configs/forest/cpr_R18_s8_r2.yaml", tmp_path / "c.pth"))
+    elif case == "other class count":
+        model = _two_class_checkpoint(tmp_path / "two.pth")
     elif case == "corrupt weights":
         model = str(tmp_path / "cut.pth")
         with open(weights, "rb") as f, open(model, "wb") as g:
