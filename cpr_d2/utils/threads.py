@@ -172,14 +172,16 @@ class MachineShare:
             self.threads = None
         return False
 
-    def wanted(self):
-        """The thread count the policy asks for now."""
+    def wanted(self, jobs=None):
+        """The thread count the policy asks for now (`jobs`: the cpr_d2 jobs running, by
+        default counted in the folder)."""
         if self.policy == "unmanaged":
             return torch.get_num_threads()
         if self.policy != "auto":
             return self.policy
-        jobs = max(1, len(running_jobs(self.folder)))
-        return max(1, min(self._original or self.cores, self.cores // jobs))
+        if jobs is None:
+            jobs = len(running_jobs(self.folder))
+        return max(1, min(self._original or self.cores, self.cores // max(1, jobs)))
 
     def recheck(self, force=False):
         """Set the thread count from the jobs running now (at most every RECHECK_SECONDS
@@ -190,10 +192,10 @@ class MachineShare:
         if not force and now - self._checked < RECHECK_SECONDS:
             return
         self._checked = now
-        threads = self.wanted()
+        jobs = len(running_jobs(self.folder)) if self.policy == "auto" else 0
+        threads = self.wanted(jobs)
         if threads != self.threads:
             if self.threads is not None or threads != torch.get_num_threads():
-                jobs = len(running_jobs(self.folder)) if self.policy == "auto" else 0
                 why = (f": {jobs} cpr_d2 jobs share {self.cores} cores" if jobs > 1 else
                        f": the only cpr_d2 job on {self.cores} cores" if jobs else "")
                 logger.info("%d torch threads%s (%s=%s; OMP_NUM_THREADS fixes it)", threads,
