@@ -1,8 +1,9 @@
 """Point AP: average precision for point localisation (the paper's metric).
 
-Written in numpy, without detectron2; the matching of detections to GTs also runs
-compiled (``torch.ops.cpr_d2.point_ap_match``, CPU and CUDA kernels, see
-``backend``), with the numpy matcher as its reference. The rules are those of
+Written in numpy, without detectron2. The module holds the metric's rules; the
+matching of detections to GTs they define is cpr_d2.layers.point_ap_match, which
+runs compiled (``torch.ops.cpr_d2.point_ap_match``, CPU and CUDA kernels, see
+``backend``) or as its numpy reference. The rules are those of
 docs/method.md, "Evaluation: point AP"; by default they reproduce the
 published evaluator, including its two quirks (marked (Q) below), so numbers
 compare with the paper's. ``clean=True`` drops the quirks.
@@ -52,6 +53,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from cpr_d2.layers.point_ap_match import check_backend, point_ap_match, sort_runs
+
 __all__ = [
     "DEFAULT_TAUS",
     "SIZE_RANGE_PRESETS",
@@ -80,17 +83,8 @@ NUM_RECALL_THRESHOLDS = 101
 TIE_EPS = np.float32(1e-8)
 # (Q) added to the number of positives when computing recall.
 RECALL_EPS = 1e-12
-# (Detection, GT) pairs measured at once: the chunk's arrays stay in cache.
-_PAIR_CHUNK = 1 << 14
-# The candidate search clips coordinates to +-this (px), and ranks its sort keys
-# densely when they reach _DENSE_LIMIT.
-_COORD_LIMIT = 2.0 ** 40
-_REACH_LIMIT = 2.0 ** 42
-_DENSE_LIMIT = 1 << 30
 # Keys (image and class) below this sort with their scores in one integer.
 _ORDER_KEY_LIMIT = 1 << 30
-# Edges per chunk of the greedy matching rounds (see _greedy_match).
-_MATCH_CHUNK = 8192
 
 
 def box_centers(boxes_xywh) -> np.ndarray:
@@ -285,22 +279,7 @@ def _pack_dets(dets):
     return image, classes, points, scores
 
 
-# ----------------------------------------------------------------------------- matching
-
-
-def _sort_runs(order: np.ndarray, key: np.ndarray, *finer) -> np.ndarray:
-    """Reorder, in place, the runs of equal ``key[order]`` (``order`` sorts ``key``,
-    not stably) by ``finer`` keys, most significant first, then by index."""
-    k = key[order]
-    equal = k[1:] == k[:-1]
-    if equal.any():
-        in_run = np.zeros(k.size, bool)
-        in_run[1:] |= equal
-        in_run[:-1] |= equal
-        pos = np.flatnonzero(in_run)
-        sub = order[pos]
-        order[pos] = sub[np.lexsort((sub,) + tuple(f[sub] for f in reversed(finer)) + (k[pos],))]
-    return order
+# ----------------------------------------------------------------------------- matching order
 
 
 def _matching_order(key: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -315,7 +294,7 @@ def _matching_order(key: np.ndarray, scores: np.ndarray) -> np.ndarray:
     # Integer order = float order (-0 and +0 both map to 0).
     ascending = np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
     packed = key * (1 << 32) + ((1 << 31) - 1 - ascending)  # descending score
-    return _sort_runs(np.argsort(packed), packed)
+    return sort_runs(np.argsort(packed), packed)
 
 
 def _tie_blocks(scores: np.ndarray, group_start: np.ndarray) -> np.ndarray:
@@ -345,315 +324,6 @@ def _tie_blocks(scores: np.ndarray, group_start: np.ndarray) -> np.ndarray:
                         new[k] = True
                         first = scores[k]
     return np.cumsum(new) - 1
-
-
-def _abs_max(*arrays) -> int:
-    """The largest magnitude in non-empty integer arrays, as a Python int."""
-    return max(max(abs(int(a.min())), abs(int(a.max()))) for a in arrays)
-
-
-def _dense_keys(det_keys: np.ndarray, gt_keys: np.ndarray):
-    """Dense ranks of the detections' keys, and the GTs' keys on the same ranks
-    (-1 where no detection has the key)."""
-    uniq, det_dense = np.unique(det_keys, return_inverse=True)
-    at = np.minimum(np.searchsorted(uniq, gt_keys), uniq.size - 1)
-    return det_dense.reshape(-1), np.where(uniq[at] == gt_keys, at, -1)
-
-
-def _candidate_pairs(det_key, det_pts, gt_key, gt_centers, gt_wh, max_tau):
-    """All (detection, GT) pairs of equal key (image and class) with ``d <= max_tau``.
-
-    Returns ``(det, gt, d2)`` arrays, ``d2`` computed exactly as the rules say.
-    Points, centres and sizes must be finite and sizes positive.
-
-    The search is 2-D. A detection lives in one horizontal strip; a GT is looked
-    up in every strip its ``+-max_tau`` box heights reach, each time in a band of
-    x around its centre, narrowed by how far the strip lies from the centre in
-    y. All detections are sorted once by (key, strip, x) and every band is located
-    in that order by the same sort, which holds the band ends too. Every margin
-    below is many times the float rounding it covers, so the bands only ever hold
-    more detections than the exact test at the end keeps, never fewer.
-    """
-    num_dets, num_gts = det_key.size, gt_key.size
-    empty = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-    if num_dets == 0 or num_gts == 0:
-        return empty
-    tau2 = max_tau * max_tau
-    # Searched on coordinates clipped to +-2^40 px: clipping never moves two points
-    # apart, so it loses no pair, and it bounds every number below.
-    det_x = np.clip(det_pts[:, 0], -_COORD_LIMIT, _COORD_LIMIT)
-    det_y = np.clip(det_pts[:, 1], -_COORD_LIMIT, _COORD_LIMIT)
-    gt_x = np.clip(gt_centers[:, 0], -_COORD_LIMIT, _COORD_LIMIT)
-    gt_y = np.clip(gt_centers[:, 1], -_COORD_LIMIT, _COORD_LIMIT)
-    gt_w, gt_h = gt_wh[:, 0], gt_wh[:, 1]
-
-    # Strips about twice as high as a typical GT's reach: 2-3 strips per GT. At most
-    # 2^20 strips, so that strip numbers stay small.
-    # Reaches are capped at 2^42 px: past 2^41 a reach covers every clipped
-    # coordinate already, and the cap keeps a huge box's reach finite.
-    with np.errstate(over="ignore"):
-        reach_y = np.minimum(max_tau * gt_h * (1 + 1e-9) + 1e-9 * (1 + np.abs(gt_y)), _REACH_LIMIT)
-    y0, y1 = float(det_y.min()), float(det_y.max())
-    strip = max(float(np.median(2 * reach_y)), (y1 - y0) * 2.0 ** -20)
-    det_strip = np.floor(det_y / strip)
-    s0, s1 = float(det_strip.min()), float(det_strip.max())
-    num_strips = int(s1 - s0) + 1
-    gt_lo = np.maximum(np.floor((gt_y - reach_y) / strip), s0)
-    gt_hi = np.minimum(np.floor((gt_y + reach_y) / strip), s1)
-    spans = np.maximum(gt_hi - gt_lo + 1, 0).astype(np.int64)
-    rep = np.repeat(np.arange(num_gts), spans)  # one entry per (GT, strip)
-    rep_strip = gt_lo[rep] + (np.arange(rep.size) - np.repeat(np.cumsum(spans) - spans, spans))
-
-    # One integer per (key, strip); ranked densely when the raw numbers get large.
-    if _abs_max(det_key, gt_key) + 1 >= _DENSE_LIMIT // num_strips:
-        det_key, gt_key = _dense_keys(det_key, gt_key)  # absent GT keys: -1, no strip hits
-    det_ck = det_key * num_strips + (det_strip - s0).astype(np.int64)
-    rep_ck = gt_key[rep] * num_strips + (rep_strip - s0).astype(np.int64)
-    if _abs_max(det_ck) + 1 >= _DENSE_LIMIT:
-        det_ck, rep_ck = _dense_keys(det_ck, rep_ck)
-        found = rep_ck >= 0
-        rep, rep_strip, rep_ck = rep[found], rep_strip[found], rep_ck[found]
-
-    # The band's half width in x for each (GT, strip), from the least y distance
-    # between the GT centre and the strip.
-    rep_y, rep_h = gt_y[rep], gt_h[rep]
-    gap = np.maximum(rep_strip * strip - rep_y, rep_y - (rep_strip + 1) * strip)
-    gap = np.maximum(gap - 1e-9 * (1 + np.abs(rep_y) + strip * (np.abs(rep_strip) + 1)), 0.0)
-    rep_x = gt_x[rep]
-    with np.errstate(over="ignore"):
-        half = np.minimum(gt_w[rep] * np.sqrt(np.maximum(tau2 * (1 + 1e-9) - (gap / rep_h) ** 2, 0.0))
-                          * (1 + 1e-9) + 1e-9 * (1 + np.abs(rep_x)), _REACH_LIMIT)
-
-    # Sort keys: x relative to the leftmost detection, plus (key, strip) times a span
-    # wider than all of them. A band is clipped to the detections' x range first, so
-    # it cannot reach a neighbouring (key, strip); margin covers the rounding.
-    x0 = float(det_x.min())
-    width = float(det_x.max()) - x0
-    span = width + 4.0
-    ck_abs = _abs_max(det_ck)
-    coord_abs = max(float(np.abs(det_x).max()), float(np.abs(gt_x).max()))
-    margin = ((ck_abs + 2) * span + 2 * coord_abs) * 2.0 ** -44
-    rel_x = rep_x - x0
-    values = np.concatenate([
-        (det_x - x0) + det_ck * span,
-        np.maximum(rel_x - half, -1.0) + rep_ck * span - margin,
-        np.minimum(rel_x + half, width + 1.0) + rep_ck * span + margin,
-    ])
-    # A band end equal to a detection's value may sort on either side of it: that only
-    # decides about a detection outside the band by the margin, which the test drops.
-    merged = np.argsort(values)
-    is_det = merged < num_dets
-    before = np.cumsum(is_det) - is_det  # detections sorted before each entry
-    dets_before = np.empty(merged.size, np.int64)
-    dets_before[merged] = before
-    num_reps = rep.size
-    lo = dets_before[num_dets:num_dets + num_reps]
-    count = np.maximum(dets_before[num_dets + num_reps:] - lo, 0)
-    by_x = merged[is_det]  # detections in (key, strip, x) order
-    sorted_x, sorted_y, sorted_ck = det_pts[by_x, 0], det_pts[by_x, 1], det_ck[by_x]
-    gt_cx, gt_cy = gt_centers[:, 0], gt_centers[:, 1]
-
-    # Every detection in each band, measured exactly, in chunks that stay in cache.
-    # With a margin under 1 px no band reaches another (key, strip) (they are 3 px
-    # apart); otherwise the (key, strip) is compared too.
-    check_ck = margin >= 1.0
-    cum = np.cumsum(count)
-    measured = int(cum[-1]) if num_reps else 0
-    dets_out, gts_out = np.empty(measured, np.int64), np.empty(measured, np.int64)
-    d2_out = np.empty(measured)
-    found = 0
-    start = 0
-    while start < num_reps:
-        base = int(cum[start - 1]) if start else 0
-        end = max(int(np.searchsorted(cum, base + _PAIR_CHUNK, "right")), start + 1)
-        c = count[start:end]
-        total = int(cum[end - 1]) - base
-        if total:
-            pos = np.repeat(lo[start:end] - (cum[start:end] - c - base), c) + np.arange(total)
-            gt = np.repeat(rep[start:end], c)
-            with np.errstate(over="ignore"):  # tiny boxes: an infinite distance, no pair
-                dx = (sorted_x[pos] - gt_cx[gt]) / gt_w[gt]
-                dy = (sorted_y[pos] - gt_cy[gt]) / gt_h[gt]
-                d2 = dx * dx + dy * dy
-            ok = d2 <= tau2
-            if check_ck:
-                ok &= sorted_ck[pos] == np.repeat(rep_ck[start:end], c)
-            ok = np.flatnonzero(ok)
-            n = ok.size
-            dets_out[found:found + n] = by_x[pos[ok]]
-            gts_out[found:found + n] = gt[ok]
-            d2_out[found:found + n] = d2[ok]
-            found += n
-        start = end
-    return dets_out[:found], gts_out[:found], d2_out[:found]
-
-
-def _pair_priority(block: np.ndarray, d2: np.ndarray, det: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """Order of pairs by (block, d2, det, gt): the same as ``np.lexsort`` on the four
-    keys, with one float sort (a multi-key lexsort is ~10x slower).
-
-    ``block + d2 / (2 max d2)`` lies in ``[block, block + 1)``, and rounding never
-    reverses an order, so sorting it orders the pairs correctly except inside runs
-    of equal keys (equal distances, or distances too close to tell apart at the
-    block's magnitude); those runs, all in one block, are sorted exactly.
-    """
-    if d2.size == 0:
-        return np.zeros(0, np.int64)
-    d2_max = float(d2.max())
-    key = d2 * (0.5 / d2_max if d2_max > 0 else 0.0)
-    key += block
-    return _sort_runs(np.argsort(key), key, d2, det, gt)
-
-
-def _greedy_match(det_loc, gt_loc, num_det_loc, num_gt_loc) -> np.ndarray:
-    """Greedy one-to-one matching over edges given in priority order.
-
-    ``det_loc`` / ``gt_loc`` are compact ids (< ``num_det_loc`` / ``num_gt_loc``).
-    Equivalent to walking the edges in order and accepting each whose two ends
-    are both free, but done in rounds: an edge that comes first among the live
-    edges of its detection and of its GT is accepted by the walk whatever
-    happens elsewhere, so all such edges are accepted at once, then every edge
-    touching a matched end is removed. The rounds run on consecutive chunks of
-    the edges, each to the end before the next starts: the edges of later chunks
-    come later in the walk, so they cannot change a chunk's decisions, and short
-    chunks need fewer rounds over fewer live edges (a dense image's edges take
-    ~20 rounds at once). Returns a bool mask over compact detection ids.
-    """
-    done_d = np.zeros(num_det_loc, bool)
-    done_g = np.zeros(num_gt_loc, bool)
-    first_d = np.empty(num_det_loc, np.int64)
-    first_g = np.empty(num_gt_loc, np.int64)
-    positions = np.arange(min(_MATCH_CHUNK, det_loc.size))
-    for start in range(0, det_loc.size, _MATCH_CHUNK):
-        dets = det_loc[start:start + _MATCH_CHUNK]
-        gts = gt_loc[start:start + _MATCH_CHUNK]
-        while True:
-            dead = done_d[dets]
-            dead |= done_g[gts]
-            live = np.flatnonzero(~dead)
-            dets, gts = dets[live], gts[live]
-            n = dets.size
-            if not n:
-                break
-            pos = positions[:n]
-            first_d[dets] = n
-            np.minimum.at(first_d, dets, pos)
-            first_g[gts] = n
-            np.minimum.at(first_g, gts, pos)
-            accept = first_d[dets] == pos
-            accept &= first_g[gts] == pos
-            done_d[dets[accept]] = True
-            done_g[gts[accept]] = True
-    return done_d
-
-
-def _match_numpy(d_key, d_pts, block, g_key, g_ctr, g_wh, ignore, taus):
-    """The reference matcher: ``tp`` ``(T, R, D)`` (detection matched, per tau and
-    size range) and ``ignore_d2`` ``(R, D)`` (least d2 to an ignore GT within the
-    largest tau, inf if none). Detections in matching order, ``block`` their tie
-    blocks, ``ignore`` ``(R, G)``."""
-    num_dets = d_key.size
-    tp = np.zeros((len(taus), ignore.shape[0], num_dets), bool)
-    ignore_d2 = np.full((ignore.shape[0], num_dets), np.inf)
-    # Candidate pairs within the largest tau, in matching priority: block, distance,
-    # detection, GT (the closest pair of a block first; one-detection blocks take their
-    # closest GT; remaining ties go to the earlier detection, then the earlier GT).
-    pair_det, pair_gt, pair_d2 = _candidate_pairs(d_key, d_pts, g_key, g_ctr, g_wh, max(taus))
-    prio = _pair_priority(block[pair_det], pair_d2, pair_det, pair_gt)
-    # Compact ids of the detections that have a pair, for the matching rounds.
-    has_pair = np.zeros(num_dets, bool)
-    has_pair[pair_det] = True
-    det_ids = np.flatnonzero(has_pair)
-    det_loc = (np.cumsum(has_pair) - 1)[pair_det[prio]]
-    pair_gt, pair_d2 = pair_gt[prio], pair_d2[prio]
-    num_gt_loc = int(pair_gt.max()) + 1 if pair_gt.size else 0
-
-    # The pairs within each tau, largest tau first: each tau's pairs are a subset of
-    # the previous one's, still in priority order.
-    within_tau = {}
-    t_loc, t_gt, t_d2 = det_loc, pair_gt, pair_d2
-    for t in sorted(range(len(taus)), key=lambda i: -taus[i]):
-        within = t_d2 <= taus[t] * taus[t]
-        if not within.all():
-            within = np.flatnonzero(within)
-            t_loc, t_gt, t_d2 = t_loc[within], t_gt[within], t_d2[within]
-        within_tau[t] = t_loc, t_gt
-    gt_paired = np.zeros(g_key.size, bool)
-    gt_paired[pair_gt] = True
-
-    for r, row in enumerate(ignore):
-        # Ranges that ignore none or all of the GTs with a pair skip the per-pair work.
-        ignores = row[gt_paired]
-        some, every = bool(ignores.any()), bool(ignores.all())
-        if some:
-            at = slice(None) if every else np.flatnonzero(row[pair_gt])
-            loc_d2 = np.full(det_ids.size, np.inf)
-            np.minimum.at(loc_d2, det_loc[at], pair_d2[at])
-            ignore_d2[r, det_ids] = loc_d2
-        if every:  # no detection has a non-ignore GT to match
-            continue
-        for t in range(len(taus)):
-            reg_loc, reg_gt = within_tau[t]
-            if some:
-                regular = ~row[reg_gt]
-                reg_loc, reg_gt = reg_loc[regular], reg_gt[regular]
-            if reg_loc.size:
-                tp[t, r, det_ids] = _greedy_match(reg_loc, reg_gt, det_ids.size, num_gt_loc)
-    return tp, ignore_d2
-
-
-_BACKENDS = ("auto", "compiled", "numpy")
-
-
-def _compiled_matcher(backend, device):
-    """torch.ops.cpr_d2.point_ap_match if ``backend`` asks for it and it serves
-    ``device``, else None (numpy)."""
-    if backend == "numpy":
-        return None
-    import torch
-
-    from cpr_d2.layers._ext import compiled_op
-
-    try:
-        where = torch.device(device or "cpu")
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}") from e
-    if where.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but torch sees no CUDA GPU; use device='cpu'")
-    probe = torch.empty(0, dtype=torch.float64, device=where)
-    op = compiled_op("point_ap_match", probe)
-    if op is None and backend == "compiled":
-        raise RuntimeError(
-            f"backend='compiled' but cpr_d2._C has no point_ap_match kernel for {probe.device}; "
-            "rebuild it (`CPR_D2_REBUILD=1 bash tools/setup_env.sh`, then "
-            "`python -m cpr_d2.collect_env`) or use backend='numpy'"
-        )
-    return op
-
-
-def _match_compiled(op, device, d_key, d_pts, block, g_key, g_ctr, g_wh, ignore, taus):
-    """``_match_numpy``'s results from the compiled matcher. It wants the GTs sorted by
-    key (a stable sort keeps the GT order that breaks distance ties) and runs each
-    distinct row of ``ignore`` once."""
-    import torch
-
-    gt_order = np.argsort(g_key, kind="stable")
-    ignore = ignore[:, gt_order]
-    # Each distinct ignore mask once (np.unique(axis=0) is slow on bool rows).
-    distinct, inverse = {}, np.zeros(len(ignore), np.int64)
-    for r, row in enumerate(ignore):
-        inverse[r] = distinct.setdefault(row.tobytes(), len(distinct))
-    rows = ignore[[inverse.tolist().index(k) for k in range(len(distinct))]]
-
-    def tensor(a, dtype):
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(device or "cpu")
-
-    tp, ignore_d2 = op(
-        tensor(d_key, np.int64), tensor(d_pts, np.float64), tensor(block, np.int64),
-        tensor(g_key[gt_order], np.int64), tensor(g_ctr[gt_order], np.float64),
-        tensor(g_wh[gt_order], np.float64), tensor(rows, np.bool_), [float(t) for t in taus],
-    )
-    return tp.cpu().numpy()[:, inverse], ignore_d2.cpu().numpy()[inverse]
 
 
 # ----------------------------------------------------------------------------- AP
@@ -714,6 +384,72 @@ def _class_ap(cls_sorted, tp_sorted, npos, clean) -> np.ndarray:
 # ----------------------------------------------------------------------------- entry point
 
 
+def _check_settings(gts, dets, num_classes, max_dets, taus, size_ranges, backend):
+    """The settings of :func:`evaluate_point_ap`, checked before the inputs: returns
+    num_classes, max_dets, taus and the size ranges (names, bounds)."""
+    if len(gts) != len(dets):
+        raise ValueError(f"got GT for {len(gts)} images but detections for {len(dets)}")
+    if len(gts) == 0:
+        raise ValueError("nothing to evaluate: no images")
+    num_classes = int(num_classes)
+    if num_classes < 1:
+        raise ValueError("num_classes must be >= 1")
+    if int(max_dets) != max_dets or max_dets < 1:
+        raise ValueError(f"max_dets must be a positive integer, got {max_dets}")
+    taus = _check_taus(taus)
+    range_names, bounds = _resolve_size_ranges(size_ranges)
+    check_backend(backend)
+    return num_classes, int(max_dets), taus, range_names, bounds
+
+
+def _counting_errors(d_img, d_score, g_img, g_crowd, count_score_thresh, num_images):
+    """MAE and RMSE of the per-image counts of detections above the threshold."""
+    err = np.bincount(d_img[d_score > count_score_thresh], minlength=num_images) - np.bincount(
+        g_img[~g_crowd], minlength=num_images
+    )
+    return float(np.abs(err).mean()), float(np.sqrt((err.astype(np.float64) ** 2).mean()))
+
+
+def _matching_detections(d_img, d_cls, d_pts, d_score, num_classes, max_dets):
+    """The detections that take part, in matching order: per (image, class), by
+    descending score (stable), the first ``max_dets``. Returns their keys, classes,
+    points, scores and tie blocks."""
+    d_key = d_img * num_classes + d_cls
+    order = _matching_order(d_key, d_score)
+    key_sorted = d_key[order]
+    group_start = np.ones(order.size, bool)
+    group_start[1:] = key_sorted[1:] != key_sorted[:-1]
+    first_of_group = np.flatnonzero(group_start)
+    rank = np.arange(order.size) - first_of_group[np.cumsum(group_start) - 1]
+    keep = rank < max_dets
+    order, group_start = order[keep], group_start[keep]
+    d_key, d_cls, d_pts, d_score = (a[order] for a in (d_key, d_cls, d_pts, d_score))
+    return d_key, d_cls, d_pts, d_score, _tie_blocks(d_score, group_start)
+
+
+def _size_range_ignores(g_cls, g_wh, g_crowd, bounds, num_classes):
+    """``(R, G)`` the GTs each size range ignores, and ``(R, C)`` its positives per class."""
+    g_size = np.sqrt(g_wh[:, 0] * g_wh[:, 1])
+    ignore = np.stack([g_crowd | (g_size < lo) | (g_size >= hi) for lo, hi in bounds])
+    num_pos = np.stack([np.bincount(g_cls[~row], minlength=num_classes) for row in ignore])
+    return ignore, num_pos
+
+
+def _ap_table(tp, ignore_d2, d_cls, d_score, num_pos, taus, clean) -> np.ndarray:
+    """``(T, R, C)`` AP from the matching of the detections (in matching order)."""
+    # Ranking for AP: per class, descending score; ties keep image order, then the
+    # order inside the image (the detections are in (image, class, score) order).
+    pooled = _matching_order(d_cls, d_score)
+    ap = np.zeros((len(taus),) + num_pos.shape)
+    for r in range(num_pos.shape[0]):
+        for t, tau in enumerate(taus):
+            # An unmatched detection within tau of an ignore GT is dropped.
+            kept = tp[t, r] | ~(ignore_d2[r] <= tau * tau)
+            sel = pooled[kept[pooled]]
+            ap[t, r] = _class_ap(d_cls[sel], tp[t, r][sel], num_pos[r], clean)
+    return ap
+
+
 def evaluate_point_ap(
     gts: Sequence[Mapping],
     dets: Sequence[Mapping],
@@ -751,79 +487,20 @@ def evaluate_point_ap(
         device: where the compiled matcher runs (default ``"cpu"``; e.g.
             ``"cuda"``); inputs and results stay numpy either way.
     """
-    if len(gts) != len(dets):
-        raise ValueError(f"got GT for {len(gts)} images but detections for {len(dets)}")
-    if len(gts) == 0:
-        raise ValueError("nothing to evaluate: no images")
-    num_classes = int(num_classes)
-    if num_classes < 1:
-        raise ValueError("num_classes must be >= 1")
-    if int(max_dets) != max_dets or max_dets < 1:
-        raise ValueError(f"max_dets must be a positive integer, got {max_dets}")
-    max_dets = int(max_dets)
-    taus = _check_taus(taus)
-    range_names, bounds = _resolve_size_ranges(size_ranges)
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
-
+    num_classes, max_dets, taus, range_names, bounds = _check_settings(
+        gts, dets, num_classes, max_dets, taus, size_ranges, backend)
     g_img, g_cls, g_ctr, g_wh, g_crowd = _pack_gts(gts, num_classes)
     d_img, d_cls, d_pts, d_score = _pack_dets(dets)
     _check_classes(d_cls, num_classes, "detection")
-    num_images = len(gts)
-
-    # Counting errors, on every detection above the threshold.
-    err = np.bincount(d_img[d_score > count_score_thresh], minlength=num_images) - np.bincount(
-        g_img[~g_crowd], minlength=num_images
-    )
-    mae = float(np.abs(err).mean())
-    rmse = float(np.sqrt((err.astype(np.float64) ** 2).mean()))
-
-    # Matching order: per (image, class), descending score, stable; then max_dets.
-    d_key = d_img * num_classes + d_cls
-    order = _matching_order(d_key, d_score)
-    key_sorted = d_key[order]
-    group_start = np.ones(order.size, bool)
-    group_start[1:] = key_sorted[1:] != key_sorted[:-1]
-    first_of_group = np.flatnonzero(group_start)
-    rank = np.arange(order.size) - first_of_group[np.cumsum(group_start) - 1]
-    keep = rank < max_dets
-    order, group_start = order[keep], group_start[keep]
-    d_img, d_cls, d_pts, d_score, d_key = (a[order] for a in (d_img, d_cls, d_pts, d_score, d_key))
-    block = _tie_blocks(d_score, group_start)
-
-    # Ranking for AP: per class, descending score; ties keep image order, then the
-    # order inside the image (the detections are in (image, class, score) order).
-    pooled = _matching_order(d_cls, d_score)
-
-    g_key = g_img * num_classes + g_cls
-    g_size = np.sqrt(g_wh[:, 0] * g_wh[:, 1])
-    ignore = np.stack([g_crowd | (g_size < lo) | (g_size >= hi) for lo, hi in bounds])
-    num_pos = np.stack([np.bincount(g_cls[~row], minlength=num_classes) for row in ignore])
-    matcher = _compiled_matcher(backend, device)
-    if matcher is None:
-        tp, ignore_d2 = _match_numpy(d_key, d_pts, block, g_key, g_ctr, g_wh, ignore, taus)
-    else:
-        tp, ignore_d2 = _match_compiled(matcher, device, d_key, d_pts, block, g_key, g_ctr,
-                                        g_wh, ignore, taus)
-
-    ap = np.zeros((len(taus), len(bounds), num_classes))
-    for r in range(len(bounds)):
-        for t, tau in enumerate(taus):
-            # An unmatched detection within tau of an ignore GT is dropped.
-            kept = tp[t, r] | ~(ignore_d2[r] <= tau * tau)
-            sel = pooled[kept[pooled]]
-            ap[t, r] = _class_ap(d_cls[sel], tp[t, r][sel], num_pos[r], clean)
-
+    mae, rmse = _counting_errors(d_img, d_score, g_img, g_crowd, count_score_thresh, len(gts))
+    d_key, d_cls, d_pts, d_score, block = _matching_detections(
+        d_img, d_cls, d_pts, d_score, num_classes, max_dets)
+    ignore, num_pos = _size_range_ignores(g_cls, g_wh, g_crowd, bounds, num_classes)
+    tp, ignore_d2 = point_ap_match(d_key, d_pts, block, g_img * num_classes + g_cls, g_ctr, g_wh,
+                                   ignore, taus, backend=backend, device=device)
     return PointAPResult(
-        taus=taus,
-        range_names=range_names,
-        size_ranges=bounds,
-        ap=ap,
-        num_positives=num_pos,
-        num_images=num_images,
-        max_dets=max_dets,
-        clean=bool(clean),
-        count_score_thresh=float(count_score_thresh),
-        mae=mae,
-        rmse=rmse,
+        taus=taus, range_names=range_names, size_ranges=bounds,
+        ap=_ap_table(tp, ignore_d2, d_cls, d_score, num_pos, taus, clean),
+        num_positives=num_pos, num_images=len(gts), max_dets=max_dets, clean=bool(clean),
+        count_score_thresh=float(count_score_thresh), mae=mae, rmse=rmse,
     )

@@ -1,8 +1,9 @@
-"""Point ops of CPRNet: bag generation, negative mask, bilinear gather (plain and fused).
+"""Point ops of CPRNet: bag generation, negative mask, bilinear gather (plain and fused),
+and the detection-to-GT matching of the point AP evaluator.
 
-Each op has a compiled CPU/CUDA kernel (torch.ops.cpr_d2.*) and a PyTorch
-reference (`*_reference`) that serves as test oracle and as fallback when the
-extension is missing.
+Each op has a compiled CPU/CUDA kernel (torch.ops.cpr_d2.*) and a PyTorch (for the
+matcher: numpy) reference (`*_reference`) that serves as test oracle and as fallback
+when the extension is missing.
 """
 from ._ext import extension_status
 from .bag_gather import bag_gather, bag_gather_reference
@@ -10,6 +11,7 @@ from .bag_points import (bag_coordinates, bag_points, bag_points_reference, bag_
                          ring_offsets)
 from .bilinear_gather import bilinear_gather, bilinear_gather_reference
 from .negative_mask import negative_mask, negative_mask_reference
+from .point_ap_match import point_ap_match, point_ap_match_reference
 
 __all__ = [
     "bag_coordinates",
@@ -24,5 +26,7 @@ __all__ = [
     "inside_image",
     "negative_mask",
     "negative_mask_reference",
+    "point_ap_match",
+    "point_ap_match_reference",
     "ring_offsets",
 ]

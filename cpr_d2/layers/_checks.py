@@ -1,4 +1,15 @@
-"""Argument checks shared by the point-op wrappers (ValueError/TypeError, before any kernel)."""
+"""Argument checks shared by the point-op wrappers (ValueError/TypeError).
+
+Each check lives once per path. Every call checks its Python side: which
+arguments are tensors, the scalar arguments (types and ranges, before they are
+converted for the op) and that the tensors share the device that picks the
+kernel. The compiled kernels check the tensors (shapes, dtypes, index ranges,
+region radii) themselves and raise the same error types (csrc/point_ops,
+TORCH_CHECK_VALUE / TORCH_CHECK_TYPE), so the wrappers do not repeat those
+checks before a kernel call: on CUDA each of them would cost a host
+synchronisation. The PyTorch references, which run when no kernel serves a call,
+check everything here.
+"""
 import math
 import numbers
 
@@ -56,6 +67,9 @@ def check_features(features):
 
 
 def check_same_device(**tensors):
+    """Tensors (TypeError otherwise), all on one device."""
+    for name, t in tensors.items():
+        check_tensor(t, name)
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
@@ -63,7 +77,9 @@ def check_same_device(**tensors):
 
 
 def check_index(index, length, upper, name, what):
-    """A (length,) int64 tensor with values in [0, upper)."""
+    """A (length,) int64 tensor with values in [0, upper). For the references only:
+    the range is read back with an aminmax (a host synchronisation on CUDA), which
+    the kernels' own range check makes unnecessary before a kernel call."""
     check_tensor(index, name)
     if index.dim() != 1 or index.shape[0] != length:
         raise ValueError(
@@ -76,6 +92,12 @@ def check_index(index, length, upper, name, what):
         lo, hi = (int(v) for v in torch.aminmax(index))
         if lo < 0 or hi >= upper:
             raise ValueError(f"cpr_d2: {name} values must lie in [0, {upper}), got [{lo}, {hi}]")
+
+
+def check_region_type(region):
+    """None or a tensor (what the kernels check of it is left to them)."""
+    if region is not None:
+        check_tensor(region, "region")
 
 
 def check_region(region, num_points, device):

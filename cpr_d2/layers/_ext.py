@@ -48,8 +48,16 @@ def has_kernel(name, device_type):
     )
 
 
-def compiled_op(name, tensor):
-    """torch.ops.cpr_d2.<name> if a compiled kernel serves `tensor`'s device and dtype, else None."""
+def compiled_op(name, tensor, takes=None):
+    """torch.ops.cpr_d2.<name> if a compiled kernel serves `tensor`'s device and dtype, else None.
+
+    `takes`: the dtypes the op accepts at all (default: every floating dtype). For
+    any other dtype the answer is None without a log line: that is no fallback, the
+    reference raises the TypeError.
+    """
+    accepted = tensor.dtype in takes if takes is not None else tensor.is_floating_point()
+    if not accepted:
+        return None
     if _C is None:
         _log_once(
             "missing",

@@ -18,6 +18,15 @@ from .bilinear_gather import coord_dtype, gather_unchecked_reference, is_channel
 __all__ = ["bag_gather", "bag_gather_reference"]
 
 
+def _check_call(features, points, batch_idx, image_sizes, radius, stride, region):
+    """The checks of every call (see _checks); the kernel checks the tensors."""
+    _checks.check_same_device(
+        features=features, points=points, batch_idx=batch_idx, image_sizes=image_sizes)
+    _checks.check_radius(radius)
+    _checks.check_stride(stride)
+    _checks.check_region_type(region)
+
+
 def _check_args(features, points, batch_idx, image_sizes, radius, stride, region):
     _checks.check_features(features)
     _checks.check_points(points)
@@ -80,12 +89,12 @@ def bag_gather(features, points, batch_idx, image_sizes, radius, stride, region=
         features (N, 4R(R+1)+1, C), differentiable w.r.t. `features`, and
         valid (N, 4R(R+1)+1) bool; bag slots in the order of `bag_points`.
     """
-    _check_args(features, points, batch_idx, image_sizes, radius, stride, region)
+    _check_call(features, points, batch_idx, image_sizes, radius, stride, region)
     op = compiled_op("bag_gather", features)
     if op is None:
         return bag_gather_reference(features, points, batch_idx, image_sizes, radius, stride,
                                     region)
-    points = points.detach().to(coord_dtype(features))
+    # The kernels take the points in any floating dtype (and reject the others).
     region = None if region is None else region.detach()
-    return _BagGather.apply(op, features, points, batch_idx, image_sizes, int(radius),
+    return _BagGather.apply(op, features, points.detach(), batch_idx, image_sizes, int(radius),
                             float(stride), region)

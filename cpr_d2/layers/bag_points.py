@@ -82,6 +82,15 @@ def inside_image(coords, height, width):
     return (x >= 0) & (y >= 0) & (x <= width) & (y <= height)
 
 
+def _check_call(points, radius, stride, image_size, region):
+    """The checks of every call (see _checks); the kernel checks the tensors."""
+    _checks.check_tensor(points, "points")
+    _checks.check_radius(radius)
+    _checks.check_stride(stride)
+    _checks.check_size(image_size, "image_size (height, width)")
+    _checks.check_region_type(region)
+
+
 def _check_args(points, radius, stride, image_size, region):
     _checks.check_points(points)
     if points.dtype not in (torch.float32, torch.float64):
@@ -113,8 +122,8 @@ def bag_points(points, radius, stride, image_size, region=None):
     Returns:
         coords (N, 4R(R+1)+1, 2) of points.dtype, and valid (N, 4R(R+1)+1) bool.
     """
-    _check_args(points, radius, stride, image_size, region)
-    op = compiled_op("bag_points", points)
+    _check_call(points, radius, stride, image_size, region)
+    op = compiled_op("bag_points", points, takes=(torch.float32, torch.float64))
     if op is None:
         return bag_points_reference(points, radius, stride, image_size, region)
     return op(points, int(radius), float(stride), int(image_size[0]), int(image_size[1]), region)

@@ -24,6 +24,12 @@ def is_channels_last(features):
     return features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous()
 
 
+def _check_call(features, points, batch_idx, stride):
+    """The checks of every call (see _checks); the kernel checks the tensors."""
+    _checks.check_same_device(features=features, points=points, batch_idx=batch_idx)
+    _checks.check_stride(stride)
+
+
 def _check_args(features, points, batch_idx, stride):
     _checks.check_features(features)
     _checks.check_points(points)
@@ -91,9 +97,9 @@ def bilinear_gather(features, points, batch_idx, stride):
     Returns:
         (M, C) tensor of features.dtype, differentiable w.r.t. `features`.
     """
-    _check_args(features, points, batch_idx, stride)
+    _check_call(features, points, batch_idx, stride)
     op = compiled_op("bilinear_gather", features)
     if op is None:
-        return gather_unchecked_reference(features, points, batch_idx, stride)
-    points = points.detach().to(coord_dtype(features))
-    return _BilinearGather.apply(op, features, points, batch_idx, float(stride))
+        return bilinear_gather_reference(features, points, batch_idx, stride)
+    # The kernels take the points in any floating dtype (and reject the others).
+    return _BilinearGather.apply(op, features, points.detach(), batch_idx, float(stride))

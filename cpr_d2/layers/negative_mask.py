@@ -15,13 +15,27 @@ from ._ext import compiled_op
 __all__ = ["negative_mask", "negative_mask_reference"]
 
 
+def _check_num_classes(num_classes):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"cpr_d2: num_classes must be an int >= 0, got {num_classes!r}")
+
+
+def _check_call(points, labels, grid_size, stride, radius, num_classes, region):
+    """The checks of every call (see _checks); the kernel checks the tensors."""
+    _checks.check_same_device(points=points, labels=labels)
+    _checks.check_size(grid_size, "grid_size (height, width)")
+    _checks.check_stride(stride)
+    _checks.check_radius(radius)
+    _check_num_classes(num_classes)
+    _checks.check_region_type(region)
+
+
 def _check_args(points, labels, grid_size, stride, radius, num_classes, region):
     _checks.check_points(points)
     _checks.check_size(grid_size, "grid_size (height, width)")
     _checks.check_stride(stride)
     _checks.check_radius(radius)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"cpr_d2: num_classes must be an int >= 0, got {num_classes!r}")
+    _check_num_classes(num_classes)
     _checks.check_same_device(points=points, labels=labels)
     _checks.check_index(labels, points.shape[0], num_classes, "labels", "class index")
     _checks.check_region(region, points.shape[0], points.device)
@@ -60,7 +74,7 @@ def negative_mask(points, labels, grid_size, stride, radius, num_classes, region
         region: optional (N,) float tensor of per-point radii in pixels (finite, >= 0),
             used instead of R*s; `radius` is then unused.
     """
-    _check_args(points, labels, grid_size, stride, radius, num_classes, region)
+    _check_call(points, labels, grid_size, stride, radius, num_classes, region)
     op = compiled_op("negative_mask", points)
     if op is None:
         return negative_mask_reference(points, labels, grid_size, stride, radius, num_classes,

@@ -1,6 +1,7 @@
 // The point AP matcher (torch.ops.cpr_d2.point_ap_match): the greedy
-// detection-to-GT matching of cpr_d2.evaluation.point_ap, compiled. The numpy
-// code in point_ap.py is its reference; the results are equal bit for bit.
+// detection-to-GT matching of cpr_d2.evaluation.point_ap, compiled. Its Python
+// wrapper and numpy reference (point_ap_match_reference) are in
+// cpr_d2/layers/point_ap_match.py; the results are equal bit for bit.
 //
 //   point_ap_match(det_key (D,) int64, det_xy (D,2) f64, det_block (D,) int64,
 //                  gt_key (G,) int64, gt_xy (G,2) f64, gt_wh (G,2) f64,

@@ -224,9 +224,9 @@ std::tuple<at::Tensor, at::Tensor> point_ap_match_cpu(
   const int64_t num_dets = in.det_key.size(0), num_gts = in.gt_key.size(0);
   const int64_t num_taus = static_cast<int64_t>(in.taus.size());
   const int64_t num_ranges = in.ignore.size(0);
-  TORCH_CHECK(num_dets < (int64_t{1} << 31) && num_gts < (int64_t{1} << 31),
-              "point_ap_match: at most 2^31 - 1 detections and GTs per call on CPU, got ",
-              num_dets, " and ", num_gts);
+  TORCH_CHECK_VALUE(num_dets < (int64_t{1} << 31) && num_gts < (int64_t{1} << 31),
+                    "point_ap_match: at most 2^31 - 1 detections and GTs per call on CPU, got ",
+                    num_dets, " and ", num_gts);
   at::Tensor tp = at::zeros({num_taus, num_ranges, num_dets}, in.det_key.options().dtype(at::kBool));
   at::Tensor ignore_d2 = at::full({num_ranges, num_dets}, std::numeric_limits<double>::infinity(),
                                   in.det_key.options().dtype(at::kDouble));

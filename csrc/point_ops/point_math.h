@@ -1,7 +1,7 @@
 // Per-element arithmetic of the point ops, shared by the CPU and CUDA kernels
 // so that the CPU tests exercise the exact math the GPU runs.
 //
-// Coordinate convention (docs: "Coordinates" in the README): points are
+// Coordinate convention (docs/method.md, "Coordinate convention"): points are
 // continuous pixel coordinates with the origin at the image's top-left corner;
 // feature cell (i, j) at stride s has its centre at ((j + 0.5) s, (i + 0.5) s);
 // bilinear sampling of image point p reads feature position u = p / s - 0.5,

@@ -25,7 +25,13 @@ namespace cpr_d2 {
 void check_points(const at::Tensor& points, const char* name);
 void check_radius(int64_t radius);
 void check_stride(double stride);
-// Checks a (M,) int64 index tensor against batch size B (reads min and max).
+// Least and greatest value of an int64 index tensor ({0, -1} when empty): a loop
+// on the CPU; on CUDA an aminmax read back to the host (one synchronisation).
+struct IndexRange {
+  int64_t lo, hi;
+};
+IndexRange index_range(const at::Tensor& index);
+// Checks a (M,) int64 index tensor against batch size B (its range: index_range).
 void check_batch_idx(const at::Tensor& batch_idx, int64_t num_points, int64_t batch_size);
 void check_features(const at::Tensor& features);
 void check_coord_dtype(const at::Tensor& points);

@@ -7,6 +7,7 @@ TP / (npos + 1e-12) reaches it, else 0. With npos positives, k TPs reach the
 thresholds j/100 < k/npos (strictly), never j = 100. Under ``clean`` they
 reach j/100 <= k/npos.
 """
+import importlib
 import math
 import os
 
@@ -16,13 +17,14 @@ import pytest
 from cpr_d2.evaluation import point_ap
 from cpr_d2.evaluation.point_ap import (
     SIZE_RANGE_PRESETS,
-    _candidate_pairs,
-    _greedy_match,
     _matching_order,
-    _pair_priority,
     _tie_blocks,
     evaluate_point_ap,
 )
+from cpr_d2.layers.point_ap_match import _candidate_pairs, _greedy_match, _pair_priority
+
+# The module (cpr_d2.layers.point_ap_match, the attribute, is the function).
+matcher = importlib.import_module("cpr_d2.layers.point_ap_match")
 
 PERFECT = 100 / 101  # official: the r = 1 threshold is never reached
 
@@ -528,7 +530,7 @@ def test_random_cases_agree_with_loop_reference(clean, backend):
 def test_greedy_match_equals_the_sequential_walk(monkeypatch, chunk):
     """Edges in priority order, accepted when both ends are free: the rounds, run on
     chunks of `chunk` edges, against the walk itself on fresh random edge lists."""
-    monkeypatch.setattr(point_ap, "_MATCH_CHUNK", chunk)
+    monkeypatch.setattr(matcher, "_MATCH_CHUNK", chunk)
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
     for _ in range(10):
         num_dets, num_gts = int(rng.integers(1, 400)), int(rng.integers(1, 300))

@@ -1,15 +1,19 @@
-"""The compiled point AP matcher (torch.ops.cpr_d2.point_ap_match) against the numpy
-matcher it replaces, bit for bit, on fresh random inputs: dense images, exact tau
-boundaries, tie blocks, huge and tiny coordinates and boxes, many strips and keys;
-its CUDA kernel against its CPU kernel; its argument checks; and the backends of
-evaluate_point_ap."""
+"""The compiled point AP matcher (torch.ops.cpr_d2.point_ap_match) against its numpy
+reference, bit for bit, on fresh random inputs: dense images, exact tau boundaries,
+tie blocks, huge and tiny coordinates and boxes, many strips and keys; its CUDA
+kernel against its CPU kernel; the argument checks of the kernel, the wrapper and
+the reference; and the backends of evaluate_point_ap."""
+import importlib
+
 import numpy as np
 import pytest
 import torch
 
-from cpr_d2.evaluation import point_ap
-from cpr_d2.evaluation.point_ap import _match_compiled, _match_numpy, evaluate_point_ap
-from cpr_d2.layers import _ext
+from cpr_d2.evaluation.point_ap import evaluate_point_ap
+from cpr_d2.layers import _ext, point_ap_match, point_ap_match_reference
+
+# The module (cpr_d2.layers.point_ap_match, the attribute, is the function).
+matcher = importlib.import_module("cpr_d2.layers.point_ap_match")
 
 from ..conftest import requires_cuda
 
@@ -132,23 +136,24 @@ def op_or_skip(device):
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda f: f.__name__)
 def test_compiled_matcher_equals_numpy(layout, np_rng):
-    op = op_or_skip("cpu")
+    op_or_skip("cpu")
     matched = 0
     for _ in range(10):
         args = matcher_inputs(np_rng, layout)
-        want = _match_numpy(*args)
+        want = point_ap_match_reference(*args)
         matched += int(want[0].sum())
-        assert_same(_match_compiled(op, "cpu", *args), want)
+        assert_same(point_ap_match(*args, backend="compiled"), want)
     assert matched > 0, "no detection matched in any case: the layout tests nothing"
 
 
 @requires_cuda
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda f: f.__name__)
 def test_cuda_matcher_equals_cpu(layout, np_rng):
-    cpu, cuda = op_or_skip("cpu"), op_or_skip("cuda")
+    op_or_skip("cpu"), op_or_skip("cuda")
     for _ in range(10):
         args = matcher_inputs(np_rng, layout)
-        assert_same(_match_compiled(cuda, "cuda", *args), _match_compiled(cpu, "cpu", *args))
+        assert_same(point_ap_match(*args, backend="compiled", device="cuda"),
+                    point_ap_match(*args, backend="compiled", device="cpu"))
 
 
 def op_args(**change):
@@ -162,25 +167,59 @@ def op_args(**change):
     return list(args.values())
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(gt_key=torch.tensor([1, 0])), "gt_key must be sorted"),
-    (dict(det_key=torch.tensor([1, 0, 0])), "det_key must be sorted"),
-    (dict(det_block=torch.tensor([1, 2, 3])), "det_block must start at 0"),
-    (dict(det_block=torch.tensor([0, 2, 3])), "number the blocks"),
-    (dict(det_block=torch.tensor([0, 1, 1])), "must not span two keys"),
-    (dict(taus=[]), "taus must not be empty"),
-    (dict(taus=[1.0, -1.0]), "finite and positive"),
-    (dict(det_xy=torch.full((3, 2), float("nan"), dtype=torch.float64)), "det_xy must be finite"),
-    (dict(gt_wh=torch.zeros(2, 2, dtype=torch.float64)), "gt_wh must be finite and positive"),
-    (dict(det_xy=torch.zeros(3, 2)), "det_xy must be Double"),
-    (dict(ignore=torch.zeros(1, 3, dtype=torch.bool)), "ignore must have 2 columns"),
-])
-def test_compiled_matcher_checks_its_arguments(change, message):
+BAD_ARGUMENTS = [
+    (dict(gt_key=torch.tensor([1, 0])), ValueError, "gt_key must be sorted"),
+    (dict(det_key=torch.tensor([1, 0, 0])), ValueError, "det_key must be sorted"),
+    (dict(det_block=torch.tensor([1, 2, 3])), ValueError, "det_block must start at 0"),
+    (dict(det_block=torch.tensor([0, 2, 3])), ValueError, "number the blocks"),
+    (dict(det_block=torch.tensor([0, 1, 1])), ValueError, "must not span two keys"),
+    (dict(taus=[]), ValueError, "taus must not be empty"),
+    (dict(taus=[1.0, -1.0]), ValueError, "finite and positive"),
+    (dict(det_xy=torch.full((3, 2), float("nan"), dtype=torch.float64)), ValueError,
+     "det_xy must be finite"),
+    (dict(gt_wh=torch.zeros(2, 2, dtype=torch.float64)), ValueError,
+     "gt_wh must be finite and positive"),
+    (dict(det_xy=torch.zeros(3, 2)), TypeError, "det_xy must be Double"),
+    (dict(ignore=torch.zeros(1, 3, dtype=torch.bool)), ValueError, "ignore must have 2 columns"),
+    (dict(gt_xy=torch.zeros(3, 2, dtype=torch.float64)), ValueError,
+     "gt_xy has 3 rows, expected 2"),
+    (dict(det_block=torch.tensor([[0, 1, 2]])), ValueError, "det_block must have 1 dimension"),
+]
+# What only the kernel refuses: the wrapper sorts the GTs and converts the dtypes.
+KERNEL_ONLY = ("gt_key must be sorted", "det_xy must be Double")
+
+
+@pytest.mark.parametrize("change, error, message", BAD_ARGUMENTS)
+def test_compiled_matcher_checks_its_arguments(change, error, message):
     op = op_or_skip("cpu")
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(error, match=message):
         op(*op_args(**change))
     tp, ignore_d2 = op(*op_args())  # the unchanged arguments are fine
     assert tp.shape == (2, 1, 3) and ignore_d2.shape == (1, 3)
+
+
+def numpy_args(**change):
+    return [a.numpy() if isinstance(a, torch.Tensor) else a for a in op_args(**change)]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "compiled"])
+@pytest.mark.parametrize("change, error, message",
+                         [case for case in BAD_ARGUMENTS if case[2] not in KERNEL_ONLY])
+def test_matcher_wrapper_and_reference_check_their_arguments(change, error, message, backend):
+    """Both faces of point_ap_match (and the reference itself) refuse what the kernel
+    refuses, with the kernel's error type and message."""
+    with pytest.raises(error, match=message):
+        point_ap_match(*numpy_args(**change), backend=backend)
+    if backend == "numpy":
+        with pytest.raises(error, match=message):
+            point_ap_match_reference(*numpy_args(**change))
+
+
+@pytest.mark.parametrize("change", [c for c, _, message in BAD_ARGUMENTS if message in KERNEL_ONLY])
+def test_matcher_wrapper_sorts_the_gts_and_converts_dtypes(change):
+    want = point_ap_match(*numpy_args(**change), backend="numpy")
+    assert_same(point_ap_match(*numpy_args(**change), backend="compiled"), want)
+    assert want[0].shape == (2, 1, 3) and want[1].shape == (1, 3)
 
 
 def dense_images(rng, num_images=3, num_classes=3):
@@ -219,8 +258,8 @@ def test_evaluate_point_ap_without_the_compiled_matcher(monkeypatch, np_rng):
     want = evaluate_point_ap(gts, dets, num_classes, backend="compiled")
     monkeypatch.setattr(_ext, "compiled_op", lambda name, tensor: None)
     calls = []
-    monkeypatch.setattr(point_ap, "_match_numpy",
-                        lambda *a: calls.append(1) or _match_numpy(*a))
+    monkeypatch.setattr(matcher, "point_ap_match_reference",
+                        lambda *a: calls.append(1) or point_ap_match_reference(*a))
     got = evaluate_point_ap(gts, dets, num_classes)
     assert calls, "auto did not fall back to the numpy matcher"
     np.testing.assert_array_equal(got.ap, want.ap)
