@@ -35,7 +35,7 @@ def add_point_data_config(cfg):
     # image's min..max). NaN and inf pixels map to 0; a constant image maps to 0.
     cfg.INPUT.NORMALIZE = "percentile"
 
-    # The point-AP evaluator (the paper's metric; see the README, "Evaluation").
+    # The point-AP evaluator (the paper's metric; docs/method.md, "Evaluation: point AP").
     cfg.TEST.POINT_AP = CN()
     # Distance thresholds on the box-normalised distance to the GT box centre.
     cfg.TEST.POINT_AP.TAUS = (0.5, 1.0, 2.0)
@@ -97,6 +97,14 @@ def add_cpr_config(cfg):
     if "CPR" in cfg.MODEL:
         return cfg
     cfg.MODEL.CPR = CN()
+    _add_cpr_model_keys(cfg)
+    _add_cpr_refine_keys(cfg)
+    _add_cpr_adaptive_keys(cfg)
+    return cfg
+
+
+def _add_cpr_model_keys(cfg):
+    """MODEL.CPR: classes, bag radius, head and losses."""
     # 0: the training datasets' class count (cpr_d2.data.classes.resolve_num_classes).
     cfg.MODEL.CPR.NUM_CLASSES = 0
     # Bag radius R in rings: ring k = 1..R has 8k points at k * stride pixels
@@ -113,6 +121,10 @@ def add_cpr_config(cfg):
     cfg.MODEL.CPR.MIL_WEIGHT = 0.25
     cfg.MODEL.CPR.ANN_WEIGHT = 0.125
     cfg.MODEL.CPR.NEG_WEIGHT = 0.75
+
+
+def _add_cpr_refine_keys(cfg):
+    """MODEL.CPR: the refinement rule and what inference returns."""
     # Refinement: keep bag points scoring above REFINE_SCORE_THRESH and above
     # REFINE_RELATIVE_THRESH x the annotated point's score; keep the annotated
     # point if none is kept or their mean score is below REFINE_SCORE_THRESH.
@@ -126,7 +138,10 @@ def add_cpr_config(cfg):
     # visualisation); off by default, it is N x (4R(R+1)+1) values per image.
     cfg.MODEL.CPR.RETURN_BAG_SCORES = False
 
-    # Size-adaptive sampling regions, a cascade in the manner of CPR++ (README, "Adaptive
+
+def _add_cpr_adaptive_keys(cfg):
+    """MODEL.CPR.ADAPTIVE: size-adaptive sampling regions (off by default)."""
+    # Size-adaptive sampling regions, a cascade in the manner of CPR++ (docs/cprnet.md, "Adaptive
     # regions"). Off: the paper's CPR, unchanged. On: stage 1 is the paper's bag; the
     # points the refinement rule keeps in the refinement bag give every object a size,
     # sqrt((w + d)(h + d)) of their extent plus the sampling step d, and a radius
@@ -155,7 +170,6 @@ def add_cpr_config(cfg):
     # Refinement moves a point at most this fraction of the distance to the nearest other
     # annotated point of its class (and never beyond its region); 0 = the region only.
     cfg.MODEL.CPR.ADAPTIVE.MOVE_NEIGHBOUR_FRACTION = 0.0
-    return cfg
 
 
 def add_p2pnet_config(cfg):
@@ -167,6 +181,15 @@ def add_p2pnet_config(cfg):
     if "P2PNET" in cfg.MODEL:
         return cfg
     cfg.MODEL.P2PNET = CN()
+    _add_p2pnet_model_keys(cfg)
+    _add_p2pnet_matcher_keys(cfg)
+    _add_p2pnet_inference_keys(cfg)
+    _add_p2pnet_count_keys(cfg)
+    return cfg
+
+
+def _add_p2pnet_model_keys(cfg):
+    """MODEL.P2PNET: classes, anchor points, towers and losses."""
     # 0: the training datasets' class count (cpr_d2.data.classes.resolve_num_classes).
     cfg.MODEL.P2PNET.NUM_CLASSES = 0
     # Anchor points per feature cell: ROWS x COLS, spread evenly over the cell
@@ -194,6 +217,9 @@ def add_p2pnet_config(cfg):
     cfg.MODEL.P2PNET.SMOOTH_L1_BETA = 1.0 / 9
     cfg.MODEL.P2PNET.POINT_WEIGHT = 0.5
 
+
+def _add_p2pnet_matcher_keys(cfg):
+    """MODEL.P2PNET.MATCHER: the one-to-many Hungarian matching of training."""
     # Matching, per image: Hungarian on CLASS_WEIGHT x class cost + POINT_WEIGHT x
     # distance (pixels), repeated TOPK times over the still-unassigned predictions,
     # so each ground-truth point gets up to TOPK positives.
@@ -215,6 +241,9 @@ def add_p2pnet_config(cfg):
     # candidates come closer (and take longer).
     cfg.MODEL.P2PNET.MATCHER.CANDIDATES = 64
 
+
+def _add_p2pnet_inference_keys(cfg):
+    """MODEL.P2PNET: inference (candidates, point NMS, points per image)."""
     # Inference: keep the TOPK_CANDIDATES best (point, class) scores above
     # SCORE_THRESH, then class-wise NMS on NMS_BOX_SIZE x NMS_BOX_SIZE pixel boxes
     # around the points (original image pixels) at IoU NMS_THRESH (NMS_BOX_SIZE 0:
@@ -224,6 +253,10 @@ def add_p2pnet_config(cfg):
     cfg.MODEL.P2PNET.NMS_BOX_SIZE = 32.0
     cfg.MODEL.P2PNET.NMS_THRESH = 0.01
     cfg.MODEL.P2PNET.DETECTIONS_PER_IMAGE = 100
+
+
+def _add_p2pnet_count_keys(cfg):
+    """MODEL.P2PNET: the counting threshold's calibration."""
     # Counting threshold: "" counts with TEST.POINT_AP.COUNT_SCORE_THRESH; "train"
     # chooses it after training on the training images (the per-image counts closest
     # to the annotated ones; cpr_d2/engine/count_calibration.py), "holdout" on the share
@@ -232,7 +265,6 @@ def add_p2pnet_config(cfg):
     # evaluator, the demo and every later user of model_final.pth count with it.
     cfg.MODEL.P2PNET.COUNT_CALIBRATION = ""
     cfg.MODEL.P2PNET.COUNT_HOLDOUT = 0.2
-    return cfg
 
 
 def get_cpr_d2_cfg():

@@ -159,22 +159,13 @@ def _runs(gts, dets_a, dets_b):
     return runs, num_images
 
 
-def paired_bootstrap_ap(
-    gts,
-    dets_a: Optional[Sequence[Mapping]] = None,
-    dets_b: Optional[Sequence[Mapping]] = None,
-    num_classes: Optional[int] = None,
-    tau: float = 0.5,
-    num_samples: int = 2000,
-    seed: int = 0,
-    *,
-    confidence: float = 0.95,
-    size_range: Tuple[float, float] = (0.0, 1e5),
-    max_dets: int = 100,
-    clean: bool = False,
-    backend: str = "auto",
-    device: Optional[str] = None,
-) -> BootstrapResult:
+def paired_bootstrap_ap(gts, dets_a: Optional[Sequence[Mapping]] = None,
+                        dets_b: Optional[Sequence[Mapping]] = None,
+                        num_classes: Optional[int] = None, tau: float = 0.5,
+                        num_samples: int = 2000, seed: int = 0, *, confidence: float = 0.95,
+                        size_range: Tuple[float, float] = (0.0, 1e5), max_dets: int = 100,
+                        clean: bool = False, backend: str = "auto",
+                        device: Optional[str] = None) -> BootstrapResult:
     """Paired bootstrap over test images of ``AP@tau(b) - AP@tau(a)``.
 
     Two calling forms:
@@ -205,6 +196,20 @@ def paired_bootstrap_ap(
         :class:`BootstrapResult`, in AP fractions.
     """
     runs, num_images = _runs(gts, dets_a, dets_b)
+    num_samples = _checked_num_samples(num_classes, num_samples, confidence)
+    ap = _ap_function(num_classes, tau, size_range, max_dets, clean, backend, device)
+    ap_a, ap_b = _full_set_aps(runs, ap)
+    estimate = float(np.mean([b - a for a, b in zip(ap_a, ap_b)]))
+    samples = _bootstrap_samples(runs, ap, num_images, num_samples, seed)
+    lower, upper, num_undefined = _percentile_interval(samples, confidence)
+    return BootstrapResult(
+        estimate=estimate, lower=lower, upper=upper, ap_a=ap_a, ap_b=ap_b, samples=samples,
+        tau=float(tau), confidence=float(confidence), num_samples=num_samples, seed=seed,
+        num_images=num_images, num_seeds=len(runs), num_undefined=num_undefined)
+
+
+def _checked_num_samples(num_classes, num_samples, confidence):
+    """paired_bootstrap_ap's settings checked; returns num_samples as an int."""
     if num_classes is None:
         raise ValueError("paired_bootstrap_ap: num_classes is required")
     if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
@@ -212,7 +217,11 @@ def paired_bootstrap_ap(
                          f"got {num_samples!r}")
     if not 0 < confidence < 1:
         raise ValueError(f"paired_bootstrap_ap: confidence must lie in (0, 1), got {confidence!r}")
-    num_samples = int(num_samples)
+    return int(num_samples)
+
+
+def _ap_function(num_classes, tau, size_range, max_dets, clean, backend, device):
+    """A function (gts, dets) -> AP@tau over size_range, as evaluate_point_ap gives it."""
     lo, hi = (float(v) for v in size_range)
     kwargs = dict(taus=(float(tau),), size_ranges={"all": (lo, hi)}, max_dets=max_dets,
                   clean=clean, backend=backend, device=device)
@@ -220,14 +229,23 @@ def paired_bootstrap_ap(
     def ap(g, d):
         return float(evaluate_point_ap(g, d, num_classes, **kwargs).mean_ap[0, 0])
 
+    return ap
+
+
+def _full_set_aps(runs, ap):
+    """(ap_a, ap_b): the AP of a and of b on the full set, one per seed; both finite."""
     ap_a = tuple(ap(g, a) for g, a, _ in runs)
     ap_b = tuple(ap(g, b) for g, _, b in runs)
     for name, values in (("a", ap_a), ("b", ap_b)):
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"paired_bootstrap_ap: AP of {name} is not a number on the full set "
                              "(no GT in the size range, with clean=True); nothing to compare")
-    estimate = float(np.mean([b - a for a, b in zip(ap_a, ap_b)]))
+    return ap_a, ap_b
 
+
+def _bootstrap_samples(runs, ap, num_images, num_samples, seed):
+    """(num_samples,) statistic of every resample: the mean over seeds of AP(b) - AP(a),
+    on the same drawn images for a, b and every seed."""
     rng = np.random.default_rng(seed)
     indices = rng.integers(0, num_images, size=(num_samples, num_images))
     samples = np.empty(num_samples, dtype=np.float64)
@@ -237,6 +255,12 @@ def paired_bootstrap_ap(
             g_k = [g[i] for i in idx]
             diffs.append(ap(g_k, [b[i] for i in idx]) - ap(g_k, [a[i] for i in idx]))
         samples[k] = np.mean(diffs)
+    return samples
+
+
+def _percentile_interval(samples, confidence):
+    """(lower, upper, num_undefined): the percentile interval of the finite samples and the
+    number of the others."""
     # With clean=True a resample without GT in the range has no AP (NaN): such samples
     # say nothing about the difference; they are left out of the interval and counted.
     finite = samples[np.isfinite(samples)]
@@ -246,8 +270,4 @@ def paired_bootstrap_ap(
     # Rounded so that 0.95 gives the percentiles 2.5 and 97.5 exactly (1 - 0.95 is not 0.05).
     tail = round(50 * (1 - confidence), 10)
     lower, upper = (float(v) for v in np.percentile(finite, [tail, 100 - tail]))
-    return BootstrapResult(
-        estimate=estimate, lower=lower, upper=upper, ap_a=ap_a, ap_b=ap_b, samples=samples,
-        tau=float(tau), confidence=float(confidence), num_samples=num_samples, seed=seed,
-        num_images=num_images, num_seeds=len(runs),
-        num_undefined=int(num_samples - finite.size))
+    return lower, upper, int(samples.size - finite.size)

@@ -54,6 +54,47 @@ def single_level_stages(cfg):
     return list(_RESNET_STAGES[first:])
 
 
+def _checked_inputs(bottom_up, in_features, out_channels, norm):
+    """(in_features as a list, bottom_up's output shapes, the strides of in_features) for
+    SingleLevelFPN; ValueError unless they exist and their strides double from one to
+    the next, and (GroupNorm) out_channels is divisible by 32."""
+    in_features = list(in_features)
+    if not in_features:
+        raise ValueError("SingleLevelFPN needs at least one input feature")
+    shapes = bottom_up.output_shape()
+    missing = [f for f in in_features if f not in shapes]
+    if missing:
+        raise ValueError(f"bottom_up has no outputs {missing}; it has {sorted(shapes)}")
+    strides = [shapes[f].stride for f in in_features]
+    for lo, hi in zip(strides[:-1], strides[1:]):
+        if hi != 2 * lo:
+            raise ValueError(
+                f"strides of {in_features} must double from one stage to the next, got "
+                f"{strides} (MODEL.RESNETS.RES5_DILATION must be 1)"
+            )
+    if norm == "GN" and out_channels % 32:
+        raise ValueError(
+            f"GroupNorm(32) needs OUT_CHANNELS divisible by 32, got {out_channels}"
+        )
+    return in_features, shapes, strides
+
+
+def _fpn_conv(in_channels, out_channels, kernel_size, use_bias, norm):
+    """A kernel_size x kernel_size conv (stride 1, same padding) with `norm`, initialised
+    like detectron2's FPN convs (c2_xavier_fill)."""
+    conv = Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size=kernel_size,
+        stride=1,
+        padding=kernel_size // 2,
+        bias=use_bias,
+        norm=get_norm(norm, out_channels),
+    )
+    weight_init.c2_xavier_fill(conv)
+    return conv
+
+
 class SingleLevelFPN(Backbone):
     """
     An FPN top-down path that stops at one level. Lateral 1x1 convs (with norm) map each
@@ -74,50 +115,17 @@ class SingleLevelFPN(Backbone):
         """
         super().__init__()
         assert isinstance(bottom_up, Backbone), type(bottom_up)
-        in_features = list(in_features)
-        if not in_features:
-            raise ValueError("SingleLevelFPN needs at least one input feature")
-        shapes = bottom_up.output_shape()
-        missing = [f for f in in_features if f not in shapes]
-        if missing:
-            raise ValueError(f"bottom_up has no outputs {missing}; it has {sorted(shapes)}")
-        strides = [shapes[f].stride for f in in_features]
-        for lo, hi in zip(strides[:-1], strides[1:]):
-            if hi != 2 * lo:
-                raise ValueError(
-                    f"strides of {in_features} must double from one stage to the next, got "
-                    f"{strides} (MODEL.RESNETS.RES5_DILATION must be 1)"
-                )
-        if norm == "GN" and out_channels % 32:
-            raise ValueError(
-                f"GroupNorm(32) needs OUT_CHANNELS divisible by 32, got {out_channels}"
-            )
+        in_features, shapes, strides = _checked_inputs(bottom_up, in_features, out_channels, norm)
 
         use_bias = norm == ""
         # Registered high to low resolution as fpn_lateral{stage}, like detectron2's FPN.
         lateral_convs = []
         for f, stride in zip(in_features, strides):
-            conv = Conv2d(
-                shapes[f].channels,
-                out_channels,
-                kernel_size=1,
-                bias=use_bias,
-                norm=get_norm(norm, out_channels),
-            )
-            weight_init.c2_xavier_fill(conv)
+            conv = _fpn_conv(shapes[f].channels, out_channels, 1, use_bias, norm)
             self.add_module("fpn_lateral{}".format(int(math.log2(stride))), conv)
             lateral_convs.append(conv)
         level = int(math.log2(strides[0]))
-        output_conv = Conv2d(
-            out_channels,
-            out_channels,
-            kernel_size=3,
-            stride=1,
-            padding=1,
-            bias=use_bias,
-            norm=get_norm(norm, out_channels),
-        )
-        weight_init.c2_xavier_fill(output_conv)
+        output_conv = _fpn_conv(out_channels, out_channels, 3, use_bias, norm)
         # Named like detectron2's FPN, so its checkpoints' weights for this level load.
         self._output_conv_name = "fpn_output{}".format(level)
         self.add_module(self._output_conv_name, output_conv)

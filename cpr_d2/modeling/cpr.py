@@ -2,7 +2,7 @@
 
 Training reads, for every object, the head's outputs at the points of its
 positive bag (rings around the annotated point) and at the negative cells,
-through the compiled op; inference refines each annotated point (README,
+through the compiled op; inference refines each annotated point (docs/method.md,
 "CPRNet").
 
 The head's two per-point linear outputs (class and instance logits) are
@@ -33,6 +33,7 @@ from .backbone import normalized_images, single_level_feature_name
 from .cpr_losses import annotation_loss, mil_loss, negative_loss, score_variance_loss
 from .cpr_refine import (kept_size, limit_move, nearest_neighbour_distance, refine_keep,
                          refine_points, region_radius, weighted_centroid)
+from .postprocess import original_size_and_scale, rescale_points
 
 __all__ = ["CPRHead", "CPRNet"]
 
@@ -357,24 +358,22 @@ class CPRNet(nn.Module):
         for b, (inp, n) in enumerate(zip(batched_inputs, counts)):
             rows = slice(start, start + n)
             start += n
-            height, width = image_sizes[b]
-            out_h, out_w = inp.get("height", height), inp.get("width", width)
-            scale = points.new_tensor([out_w / width, out_h / height])
-            inst = Instances((out_h, out_w))
-            inst.pred_points = refined[rows] * scale
-            inst.coarse_points = points[rows] * scale
+            out_size, scale = original_size_and_scale(inp, image_sizes[b], points)
+            inst = Instances(out_size)
+            inst.pred_points = rescale_points(refined[rows], scale)
+            inst.coarse_points = rescale_points(points[rows], scale)
             inst.scores = score[rows]
             inst.pred_classes = labels[rows]
             inst.num_kept = num_kept[rows]
             inst.refined = moved[rows]
             if regions is not None:
-                inst.region_centres = regions[0][rows] * scale
+                inst.region_centres = rescale_points(regions[0][rows], scale)
                 # A radius in original pixels: the mean of the two axes' scales.
                 inst.regions = regions[1][rows] * scale.mean()
             inst.gt_ann_index = targets[b].gt_ann_index if targets[b].has("gt_ann_index") else \
                 torch.arange(n, device=points.device)
             if self.return_bag_scores:
-                inst.bag_points = bag_coords[rows] * scale
+                inst.bag_points = rescale_points(bag_coords[rows], scale)
                 inst.bag_scores = bag_scores[rows]
             results.append({"instances": inst})
         return results

@@ -1,6 +1,6 @@
 """CPRNet's losses, as functions of plain tensors (the refinement rule is in cpr_refine.py).
 
-Notation (README, "CPRNet"): an object j has a class y_j and an annotated
+Notation (docs/method.md, "Losses" of "CPRNet"): an object j has a class y_j and an annotated
 point a_j; its bag holds P = 4R(R+1)+1 points (the rings, then a_j itself,
 last). For every bag point the head gives class logits O_cls (C values) and
 instance logits O_ins (C values).

@@ -1,6 +1,6 @@
 """CPRNet's refinement rule, and the per-object sampling regions of its adaptive variant.
 
-The paper's rule (README, "CPRNet"): bag point i of object j (class c, score
+The paper's rule (docs/method.md, "Refinement"): bag point i of object j (class c, score
 p_i) is kept when it is on the image, a_j is its nearest annotated point of
 class c, c is its top-scoring class, p_i > score_thresh and
 p_i > relative_thresh * p(a_j); the refined point is the p-weighted mean of the

@@ -150,6 +150,16 @@ def sparse_assignment(rows, cols, costs, num_rows, num_cols):
     if swapped:  # the solver's rows: the smaller side
         row_ids, col_ids, r, c = col_ids, row_ids, c, r
     nr, nc = len(row_ids), len(col_ids)
+    ri, ci = min_weight_full_bipartite_matching(_graph_with_fallbacks(r, c, costs, nr, nc))
+    real = ci < nc
+    ri, ci = row_ids[ri[real]].astype(np.int64), col_ids[ci[real]].astype(np.int64)
+    return (ci, ri) if swapped else (ri, ci)
+
+
+def _graph_with_fallbacks(r, c, costs, nr, nc):
+    """sparse_assignment's (nr, nc + nr) graph for the solver: edge e from row r[e] to
+    column c[e] weighing costs[e] shifted so the cheapest is 1, and from each row n to its
+    own dummy column nc + n weighing (the dearest of n's edges) + 1."""
     weight = costs - costs.min() + 1.0
     fallback = np.full(nr, -np.inf)  # each solver row's own dummy column
     np.maximum.at(fallback, r, weight)
@@ -160,10 +170,7 @@ def sparse_assignment(rows, cols, costs, num_rows, num_cols):
                       shape=(nr, nc + nr))
     if graph.nnz != len(weight) + nr:
         raise ValueError("sparse_assignment: a (row, col) pair appears more than once")
-    ri, ci = min_weight_full_bipartite_matching(graph)
-    real = ci < nc
-    ri, ci = row_ids[ri[real]].astype(np.int64), col_ids[ci[real]].astype(np.int64)
-    return (ci, ri) if swapped else (ri, ci)
+    return graph
 
 
 def _knn(points, query, k, p):

@@ -4,7 +4,7 @@ Every anchor point (ANCHOR_ROWS x ANCHOR_COLS per cell of one feature level)
 predicts class scores and an offset; predicted point = anchor + stride *
 offset. Training matches predictions to ground-truth points per image
 (PointMatcher); inference keeps the best-scoring points and suppresses
-duplicates with a class-wise NMS on small pseudo boxes (README, "P2PNet").
+duplicates with a class-wise NMS on small pseudo boxes (docs/method.md, "P2PNet").
 
 Two variants, chosen by MODEL.P2PNET.CLASS_LOSS: "focal" (the CPR paper's
 multi-class localizer: sigmoid focal loss, SmoothL1 points, focal matching
@@ -27,6 +27,7 @@ from cpr_d2.data.classes import require_num_classes
 
 from .backbone import normalized_images, single_level_feature_name
 from .p2p_matcher import PointMatcher
+from .postprocess import original_size_and_scale, rescale_points
 
 __all__ = ["P2PHead", "P2PNet", "anchor_points", "point_nms"]
 
@@ -296,13 +297,11 @@ class P2PNet(nn.Module):
                 keep = keep[top]
             classes = keep % self.num_classes
             points = points[keep // self.num_classes]
-            out_h, out_w = inp.get("height", height), inp.get("width", width)
-            points = points * points.new_tensor([out_w / width, out_h / height])
-            points[:, 0].clamp_(0, out_w)
-            points[:, 1].clamp_(0, out_h)
+            out_size, scale = original_size_and_scale(inp, (height, width), points)
+            points = rescale_points(points, scale, clip_size=out_size)
             kept = point_nms(points, scores, classes, self.nms_box_size, self.nms_thresh)
             kept = kept[: self.detections_per_image]
-            inst = Instances((out_h, out_w))
+            inst = Instances(out_size)
             inst.pred_points = points[kept]
             inst.scores = scores[kept]
             inst.pred_classes = classes[kept]
