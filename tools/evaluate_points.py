@@ -94,13 +94,12 @@ def matched_outputs(predictions, records, source, dataset_name):
 def main(args):
     """The evaluator's {"point_ap": {...}}."""
     # Imported here, after the arguments are parsed: --help answers without them.
-    import json
     import uuid
 
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from cpr_d2.data import register_point_coco
-    from cpr_d2.engine.trainer import merge_config, register_point_jsons, setup_logging
+    from cpr_d2.data import read_json, register_point_coco, register_point_jsons
+    from cpr_d2.engine.defaults import merge_config, setup_logging
     from cpr_d2.evaluation import build_point_evaluator
 
     cfg = merge_config(args.config_file, args.opts)
@@ -108,12 +107,9 @@ def main(args):
         cfg.TEST.POINT_AP.COUNT_SCORE_THRESH = args.count_threshold
     setup_logging(args.output_dir or os.path.join(cfg.OUTPUT_DIR, "evaluate_points"))
     register_point_jsons(cfg)  # DATASETS.POINT_JSONS
-    try:
-        with open(args.predictions, encoding="utf-8") as f:
-            predictions = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--predictions {args.predictions}: cannot read it as json "
-                         f"({type(e).__name__}: {e})") from None
+    predictions = read_json(args.predictions, "--predictions",
+                            fix="pass the point_predictions.json an evaluation or "
+                            "tools/predict.py wrote")
     name = args.dataset
     if args.json:
         name = f"evaluate_points_{uuid.uuid4().hex[:8]}"

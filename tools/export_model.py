@@ -11,7 +11,7 @@ thresholds, NMS, the class names and ids, the counting threshold) and
 p2p_decode.py (numpy only: prepare an image, decode the raw outputs into points).
 The graph ends at the raw outputs (class logits and point offsets per cell);
 p2p_decode.decode turns them into the points, scores and classes the eager
-model gives. See the README ("Exported models") for a ten-line example with
+model gives. See docs/predict.md ("Exported models") for a ten-line example with
 numpy and onnxruntime.
 """
 import sys

@@ -11,7 +11,6 @@ overwritten.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -44,6 +43,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # Imported here, after the arguments are parsed: --help answers without them.
     from cpr_d2.data.coarse import coarse_points_from_coco, parse_noise
+    from cpr_d2.data.point_json import read_json
     from cpr_d2.evaluation.semantic_variance import format_table, semantic_variance_json
     from cpr_d2.utils.io import write_json_atomic
 
@@ -51,11 +51,8 @@ def main(argv=None) -> int:
         parse_noise(args.noise)
         if os.path.exists(args.output) and os.path.samefile(args.input, args.output):
             raise ValueError(f"--output {args.output} is the input file; refusing to overwrite it")
-        try:
-            with open(args.input) as f:
-                coco = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{args.input}: cannot read json: {e}") from e
+        coco = read_json(args.input, "input json",
+                         fix="pass a COCO json with true boxes (and, optionally, masks)")
         points, report = coarse_points_from_coco(
             coco, noise=args.noise, seed=args.seed, use_masks=args.use_masks, source=args.input
         )

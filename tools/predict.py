@@ -64,26 +64,16 @@ def parse_args(argv=None):
 
 def check_output(output, inputs):
     """The output's format (".json" or ".csv"), after checking, before any work, that the
-    file can be written: a known extension, not a folder, not one of the inputs, in a
-    folder that exists or can be created and that this user can write in."""
-    if os.path.isdir(output):
-        raise ValueError(f"--output {output} is a folder; give a file name, e.g. "
-                         f"{os.path.join(output, 'points.json')}")
-    real = os.path.realpath(output)
-    if any(os.path.realpath(p) == real for p in inputs):
-        raise ValueError(f"--output {output} is one of the input images; choose another name")
+    file can be written (cpr_d2.utils.io.check_output_file: not a folder, not one of the
+    inputs, in a folder this user can create files in) and has a known extension."""
+    from cpr_d2.utils.io import check_output_file
+
+    check_output_file(output, example="points.json", inputs=inputs,
+                      inputs_are="one of the input images", inputs_fix="choose another name")
     ext = os.path.splitext(output)[1].lower()
     if ext not in FORMATS:
         raise ValueError(f"--output {output}: give a file name ending in .json (a point json) "
                          "or .csv (image,x,y,class,score)")
-    folder = os.path.dirname(os.path.abspath(output))
-    existing = folder
-    while not os.path.isdir(existing):
-        if os.path.exists(existing):
-            raise ValueError(f"--output {output}: {existing} is a file, not a folder")
-        existing = os.path.dirname(existing)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"--output {output}: cannot write in {existing}")
     return ext
 
 
@@ -130,13 +120,10 @@ def _same_settings(path, found, settings):
 
 
 def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--output {path} exists but cannot be read as json "
-                         f"({type(e).__name__}: {e}); move it away or choose another "
-                         "--output") from None
+    from cpr_d2.data.point_json import read_json
+
+    return read_json(path, "--output", fix="it exists but is not a json of predictions; move "
+                     "it away or choose another --output")
 
 
 def _rows_from_json(path, data):

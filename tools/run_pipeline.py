@@ -164,7 +164,7 @@ def validate_stage_configs(args):
     """Merge every stage's config file and overrides as train_net would (errors name the
     file or the override)."""
     import cpr_d2  # noqa: F401
-    from cpr_d2.engine.trainer import merge_config
+    from cpr_d2.engine.defaults import merge_config
 
     for config, cpr in ((args.cpr_config, True), (args.p2p_config, False)):
         if not os.path.isfile(config):
@@ -301,8 +301,6 @@ class Run:
     def check_settings(self):
         """The directory's state, or None for a new directory; refuses a directory that
         holds a run with other settings, or a --seeds run."""
-        from cpr_d2.engine.pipeline import read_json
-
         if not os.path.isfile(self.state_path):
             return None
         state = read_json(self.state_path, "pipeline state")
@@ -408,21 +406,21 @@ class Run:
 
     def stage_data(self):
         from cpr_d2.data.coarse import coarse_points_from_coco
-        from cpr_d2.engine.pipeline import centres_json, read_json, subset_json, write_derived_json
+        from cpr_d2.data.point_json import centres_json, subset_json, write_point_json
 
         train = read_json(self.train_json, f"training json of '{self.args.train_dataset}'")
         if self.args.subset:
             train = subset_json(train, self.args.subset)
             test = subset_json(read_json(self.test_json, "test json"), self.args.subset)
-            write_derived_json(test, self.derived["pipeline_test"][0])
+            write_point_json(test, self.derived["pipeline_test"][0])
         if self.args.coarse_seed is not None:
             train, report = coarse_points_from_coco(train, self.args.coarse_noise,
                                                     self.args.coarse_seed,
                                                     source=self.train_json)
             print(f"  coarse points {self.args.coarse_noise}, seed {self.args.coarse_seed}: "
                   f"{report.annotations} annotations")
-        write_derived_json(train, self.derived["pipeline_coarse"][0])
-        write_derived_json(centres_json(train, self.train_json), self.derived["pipeline_centres"][0])
+        write_point_json(train, self.derived["pipeline_coarse"][0])
+        write_point_json(centres_json(train, self.train_json), self.derived["pipeline_centres"][0])
 
     def train_cmd(self, config, out_dir, train_name, test_names, iters, extra=()):
         steps = f"({max(1, int(0.8 * iters))},)"
@@ -565,8 +563,8 @@ class Run:
 
     # ---- report ----------------------------------------------------------------------
     def report(self):
-        from cpr_d2.engine.pipeline import (localizer_rows, localizer_table, markdown_table,
-                                            read_json, training_points_rows)
+        from cpr_d2.evaluation.tables import (localizer_rows, localizer_table, markdown_table,
+                                              training_points_rows)
         from cpr_d2.utils.io import write_json_atomic, write_text_atomic
 
         coarse = read_json(self.derived["pipeline_coarse"][0], "coarse training json")
@@ -615,7 +613,7 @@ class Run:
         from detectron2.data import DatasetCatalog, MetadataCatalog
         from PIL import Image
 
-        from cpr_d2.engine.pipeline import read_json
+        from cpr_d2.data.point_json import box_centre
         from cpr_d2.evaluation.evaluator import prediction_class_indices
         from cpr_d2.utils.io import save_image_atomic
         from cpr_d2.utils.visualizer import PointVisualizer
@@ -653,8 +651,8 @@ class Run:
             panels = []
             for stage, (label, _) in LOCALIZERS.items():
                 vis = PointVisualizer(image, test_meta, scale=1.5)
-                truth = [[a["bbox"][0] + a["bbox"][2] / 2, a["bbox"][1] + a["bbox"][3] / 2]
-                         for a in record["annotations"] if not a.get("iscrowd", 0)]
+                truth = [box_centre(a["bbox"]) for a in record["annotations"]
+                         if not a.get("iscrowd", 0)]
                 if truth:
                     vis.draw_points(truth, labels=False, color="white", marker="x")
                 # As many points as the image has objects, best first: a fair comparison
@@ -710,8 +708,6 @@ class SeedsRun:
     def load_state(self):
         """Refuses a directory with a single-seed run, or a --seeds run with other
         settings (the seeds included), before any seed runs."""
-        from cpr_d2.engine.pipeline import read_json
-
         state = None
         if os.path.isfile(self.state_path):
             state = read_json(self.state_path, "pipeline state")
@@ -767,7 +763,7 @@ class SeedsRun:
         pooled over the seeds, in AP points (%)."""
         from detectron2.data import MetadataCatalog
 
-        from cpr_d2.engine.pipeline import point_ap_dets, point_ap_settings, read_json
+        from cpr_d2.evaluation.evaluator import point_ap_dets, point_ap_settings
         from cpr_d2.evaluation import load_point_ground_truth
         from cpr_d2.evaluation.seed_stats import paired_bootstrap_ap
 
@@ -822,8 +818,8 @@ class SeedsRun:
         }
 
     def report(self):
-        from cpr_d2.engine.pipeline import (localizer_rows, markdown_table, read_json,
-                                            seeds_localizer_rows, seeds_training_rows)
+        from cpr_d2.evaluation.tables import (localizer_rows, markdown_table, seeds_localizer_rows,
+                                              seeds_training_rows)
         from cpr_d2.utils.io import write_json_atomic, write_text_atomic
 
         seeds = [run.args.seed for run in self.runs]
@@ -905,6 +901,14 @@ class SeedsRun:
                            "bootstrap": boot, "stage_seconds": times},
                           self.path("results.json"))
         print("\n" + md)
+
+
+def read_json(path, what):
+    """A json file the pipeline wrote (its state, metrics, predictions, derived jsons),
+    with an error that names it and says to rerun the stage that writes it."""
+    from cpr_d2.data.point_json import read_json as read
+
+    return read(path, what, fix="delete it and rerun the stage that writes it")
 
 
 def main(argv=None):

@@ -8,7 +8,6 @@ jsons (e.g. coarse vs refined, matched by annotation id) and the change in %.
 """
 
 import argparse
-import json
 import sys
 
 # cpr_d2.evaluation.semantic_variance.DEFAULT_SIZE_RANGES, written out so that --help
@@ -32,11 +31,9 @@ def parse_ranges(text: str):
 
 
 def _load(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read json: {e}") from e
+    from cpr_d2.data.point_json import read_json
+
+    return read_json(path)
 
 
 def _skipped(counts) -> str:
@@ -82,7 +79,7 @@ def main(argv=None) -> int:
             return 0
         b = _load(args.compare)
         result = compare_point_jsons(a, b, sources=(args.json, args.compare), **options)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"semantic_variance: error: {e}", file=sys.stderr)
         return 1
     print(f"a = {args.json} (skipped: {_skipped(result.skipped_a)})")

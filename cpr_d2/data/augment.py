@@ -1,7 +1,7 @@
 """Training augmentations for overhead and microscope imagery, where an image has no
 "up": vertical flips, rotations by multiples of 90 degrees, scale and colour jitter
 (INPUT.POINT_AUG). Each moves points exactly with the pixels under them, in the
-project's continuous pixel coordinates (README, "Coordinate convention").
+project's continuous pixel coordinates (docs/method.md, "Coordinate convention").
 
 Randomness comes from numpy's global generator, which the training stream seeds per
 sample (cpr_d2.data.samplers), so a run is reproducible and resumable.

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from scipy.stats import truncnorm
 
-from cpr_d2.utils.records import finite_floats
+from .point_json import box_centre, true_box, true_box_key
 
 __all__ = [
     "RangeGaussian",
@@ -253,13 +253,13 @@ def _record_name(ann, index) -> str:
 
 
 def _true_box(ann, index, source) -> List[float]:
-    box = ann.get("bbox")
-    if box is None:
-        raise ValueError(f"{source}: {_record_name(ann, index)} has no 'bbox' (the true box, XYWH)")
-    box = finite_floats(box, 4)
+    key = true_box_key(ann)
+    if ann.get(key) is None:
+        raise ValueError(f"{source}: {_record_name(ann, index)} has no '{key}' (the true box, XYWH)")
+    box = true_box(ann)
     if box is None:
         raise ValueError(
-            f"{source}: {_record_name(ann, index)} has a malformed 'bbox' {ann.get('bbox')!r} "
+            f"{source}: {_record_name(ann, index)} has a malformed '{key}' {ann.get(key)!r} "
             "(expected 4 finite numbers [x, y, w, h])"
         )
     return box
@@ -296,55 +296,74 @@ def coarse_points_from_coco(
     if not isinstance(coco, dict) or not isinstance(coco.get("annotations"), list):
         raise ValueError(f"{source}: not a COCO json (no 'annotations' list)")
     out = copy.deepcopy(coco)
-    image_hw = {}
-    for img in out.get("images", []):
-        if isinstance(img, dict) and "id" in img and "height" in img and "width" in img:
-            image_hw[img["id"]] = (int(img["height"]), int(img["width"]))
-
+    image_hw = _image_sizes(out)
     report = CoarseReport(noise=model.name, seed=int(seed), use_masks=bool(use_masks))
     seen_ids = set()
     box_jobs: List[Tuple[Dict, List[float], np.ndarray]] = []
     for index, ann in enumerate(out["annotations"]):
-        if not isinstance(ann, dict):
-            raise ValueError(f"{source}: annotation #{index} is not an object")
-        if "id" not in ann:
-            raise ValueError(f"{source}: annotation #{index} has no 'id'")
-        key = ann["id"]
-        if key in seen_ids:
-            raise ValueError(f"{source}: duplicate annotation id {key!r}")
-        seen_ids.add(key)
+        key = _annotation_id(ann, index, seen_ids, source)
         box = _true_box(ann, index, source)
         report.annotations += 1
-        x, y, w, h = box
-        if w <= 0 or h <= 0:
-            ann["point"] = [x + w / 2, y + h / 2]
+        if box[2] <= 0 or box[3] <= 0:
+            ann["point"] = box_centre(box)
             report.degenerate_box_ids.append(key)
             continue
         rng = annotation_rng(seed, key)
         if use_masks and _has_segmentation(ann):
-            try:
-                mask, origin = annotation_mask(
-                    ann["segmentation"], box, image_hw.get(ann.get("image_id"))
-                )
-            except Exception as e:  # pycocotools raises bare Exceptions on bad input
-                raise ValueError(
-                    f"{source}: {_record_name(ann, index)} has an unreadable 'segmentation': {e}"
-                ) from e
-            point = mask_point(mask, origin, box, model, rng)
-            if point is None:
-                ann["point"] = [x + w / 2, y + h / 2]
-                report.empty_mask_ids.append(key)
-            else:
-                ann["point"] = [float(point[0]), float(point[1])]
-                report.from_mask += 1
+            _set_mask_point(ann, index, box, image_hw, model, rng, report, source)
             continue
         box_jobs.append((ann, box, rng.random(2)))
         report.from_box += 1
-
-    if box_jobs:
-        boxes = np.array([job[1] for job in box_jobs])
-        uniforms = np.stack([job[2] for job in box_jobs])
-        for (ann, _, _), point in zip(box_jobs, box_points(boxes, model, uniforms)):
-            ann["point"] = [float(point[0]), float(point[1])]
+    _set_box_points(box_jobs, model)
     out["point_noise"] = {"noise": model.name, "seed": int(seed), "use_masks": bool(use_masks)}
     return out, report
+
+
+def _image_sizes(coco) -> Dict:
+    """{image id: (height, width)} of the images that have them."""
+    image_hw = {}
+    for img in coco.get("images", []):
+        if isinstance(img, dict) and "id" in img and "height" in img and "width" in img:
+            image_hw[img["id"]] = (int(img["height"]), int(img["width"]))
+    return image_hw
+
+
+def _annotation_id(ann, index, seen_ids, source):
+    """The id of annotation number `index`, checked: an object with an id not seen before."""
+    if not isinstance(ann, dict):
+        raise ValueError(f"{source}: annotation #{index} is not an object")
+    if "id" not in ann:
+        raise ValueError(f"{source}: annotation #{index} has no 'id'")
+    key = ann["id"]
+    if key in seen_ids:
+        raise ValueError(f"{source}: duplicate annotation id {key!r}")
+    seen_ids.add(key)
+    return key
+
+
+def _set_mask_point(ann, index, box, image_hw, model, rng, report, source):
+    """Draw `ann`'s point from its mask; an empty mask gives the box centre."""
+    try:
+        mask, origin = annotation_mask(ann["segmentation"], box, image_hw.get(ann.get("image_id")))
+    except Exception as e:  # pycocotools raises bare Exceptions on bad input
+        raise ValueError(
+            f"{source}: {_record_name(ann, index)} has an unreadable 'segmentation': {e}"
+        ) from e
+    point = mask_point(mask, origin, box, model, rng)
+    if point is None:
+        ann["point"] = box_centre(box)
+        report.empty_mask_ids.append(ann["id"])
+    else:
+        ann["point"] = [float(point[0]), float(point[1])]
+        report.from_mask += 1
+
+
+def _set_box_points(box_jobs, model):
+    """Draw the points of the box-model annotations, all at once: (annotation, box, its
+    two uniforms) per job."""
+    if not box_jobs:
+        return
+    boxes = np.array([job[1] for job in box_jobs])
+    uniforms = np.stack([job[2] for job in box_jobs])
+    for (ann, _, _), point in zip(box_jobs, box_points(boxes, model, uniforms)):
+        ann["point"] = [float(point[0]), float(point[1])]

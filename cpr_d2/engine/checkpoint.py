@@ -12,6 +12,7 @@ or a copy, empty, not a torch file). Here the damaged file is reported, kept as
 it is, and the run goes on from the newest earlier model_<iteration>.pth that can
 be read (:func:`resume_checkpoint_file`).
 """
+import contextlib
 import logging
 import os
 import re
@@ -19,7 +20,9 @@ import re
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["DamagedCheckpointError", "load_evaluation_weights", "load_inference_weights",
+from cpr_d2.utils.io import atomic_path, write_text_atomic
+
+__all__ = ["AtomicCheckpointer", "DamagedCheckpointError", "load_evaluation_weights", "load_inference_weights",
            "resume_checkpoint_file", "resume_or_load_checkpoint"]
 
 logger = logging.getLogger(__name__)
@@ -203,3 +206,81 @@ def load_evaluation_weights(cfg, model, resume=False):
     load_inference_weights(model, path)
     logger.info("Evaluating %s", path)
     return path
+
+
+def _first_non_finite(state_dict):
+    """The name of the first floating-point tensor of `state_dict` with a NaN or an
+    infinity, or None."""
+    for name, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(
+                torch.isfinite(value).all()):
+            return name
+    return None
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """A DetectionCheckpointer whose checkpoints and `last_checkpoint` tag are written
+    atomically (a temporary file in the same folder, fsynced, then renamed), so that
+    a kill while writing leaves the previous good file. It refuses to write a model
+    with non-finite weights. `last_saved` is the path of the last checkpoint this
+    object wrote."""
+
+    # The temporaries atomic_path makes for a checkpoint or the tag: ".<name>.<8 random
+    # characters of mkstemp>.tmp[.pth]".
+    _TEMPORARY = re.compile(r"^\.(model_[^/]+|last_checkpoint)\.[a-z0-9_]{8}\.tmp(\.pth)?$")
+
+    def __init__(self, model, save_dir="", *, save_to_disk=None, **checkpointables):
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.last_saved = None
+
+    def remove_stale_temporaries(self):
+        """Delete the half-written temporaries a process killed while saving left in
+        save_dir (they are never read). Only call it where no other process is saving
+        into save_dir. Returns the removed paths."""
+        if not self.save_dir or not self.save_to_disk or "://" in self.save_dir:
+            return []
+        try:
+            names = os.listdir(self.save_dir)
+        except FileNotFoundError:
+            return []
+        removed = []
+        for name in sorted(names):
+            path = os.path.join(self.save_dir, name)
+            if self._TEMPORARY.match(name) and os.path.isfile(path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed.append(path)
+                    self.logger.info(f"Removed {path}, left by a process killed while saving")
+        return removed
+
+    def save(self, name, **kwargs):
+        if not self.save_dir or not self.save_to_disk:
+            return
+        if "://" in self.save_dir:  # not a local folder: no rename there
+            super().save(name, **kwargs)
+            self.last_saved = os.path.join(self.save_dir, f"{name}.pth")
+            return
+        data = {"model": self.model.state_dict()}
+        bad = _first_non_finite(data["model"])
+        if bad is not None:
+            raise FloatingPointError(
+                f"not saving checkpoint '{name}': the model's weight '{bad}' is not finite; the "
+                f"last good checkpoint is {self.last_saved or 'none yet'}")
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        if os.path.basename(save_file) != basename:
+            raise ValueError(f"checkpoint name must be a file name, got '{name}'")
+        self.logger.info("Saving checkpoint to {}".format(save_file))
+        with atomic_path(save_file) as tmp:
+            torch.save(data, tmp)
+        self.last_saved = save_file
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        save_file = os.path.join(self.save_dir, "last_checkpoint")
+        if "://" in save_file:
+            return super().tag_last_checkpoint(last_filename_basename)
+        write_text_atomic(last_filename_basename, save_file)

@@ -1,20 +1,16 @@
 """Refine every annotation of a dataset with a trained CPRNet and export the result."""
-import contextlib
 import copy
 import itertools
-import json
 import logging
-import os
-import tempfile
 
 import torch
 from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.utils import comm
 from tqdm import tqdm
 
-from cpr_d2.data import PointDatasetMapper
+from cpr_d2.data import PointDatasetMapper, read_json
 from cpr_d2.data.checks import check_images_of
-from cpr_d2.utils.io import write_json_atomic
+from cpr_d2.utils.io import check_output_file, write_json_atomic
 from cpr_d2.utils.threads import machine_share
 
 __all__ = ["check_refined_output", "export_refined", "refine_dataset", "refined_json"]
@@ -83,58 +79,22 @@ def refined_json(source, refined):
     return out, count
 
 
-def _nearest_existing(folder):
-    while not os.path.lexists(folder):
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            break
-        folder = parent
-    return folder
-
-
 def check_refined_output(output, source_json=None):
     """Raise a ValueError naming --output and the fix unless the refined json can be
-    written there: a path that is not a folder (nor anything but a regular file), not
-    `source_json` (the input; also through a link), in a folder that exists or can be
-    created, where this user can create files (tried with an empty temporary file,
-    removed at once). Nothing is created."""
-    path = os.path.abspath(output)
-    if output.endswith(os.sep) or os.path.isdir(path):
-        raise ValueError(f"--output {output} is a folder; pass the path of the json to write, "
-                         f"e.g. --output {os.path.join(output, 'refined.json')}")
-    if os.path.lexists(path) and not os.path.isfile(path):
-        raise ValueError(f"--output {output} exists and is not a regular file; pass the path "
-                         "of a new json or of a json to replace")
-    if source_json and (os.path.realpath(path) == os.path.realpath(source_json) or (
-            os.path.exists(path) and os.path.exists(source_json)
-            and os.path.samefile(path, source_json))):
-        raise ValueError(f"--output {output} is the input json {source_json}; write the "
-                         "refined points to a new file (the output keeps every field of the "
-                         "input, the coarse points included)")
-    folder = os.path.dirname(path)
-    existing = _nearest_existing(folder)
-    if not os.path.isdir(existing):
-        raise ValueError(f"--output {output}: {existing} is a file, so the folder {folder} "
-                         "cannot be created; pass a path in a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".refine_export.", suffix=".probe", dir=existing)
-    except OSError as e:
-        where = ("its folder" if existing == folder else
-                 f"{existing}, where its folder {folder} would be created")
-        raise ValueError(f"--output {output}: cannot create files in {where} "
-                         f"({type(e).__name__}: {e.strerror or e}); pass a path in a folder "
-                         "you can write in, or fix the folder's permissions") from None
-    os.close(fd)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(probe)
+    written there (cpr_d2.utils.io.check_output_file): not a folder, not `source_json`
+    (the input), in a folder this user can create files in. Nothing is created."""
+    check_output_file(
+        output, what="json", example="refined.json", inputs=[source_json] if source_json else [],
+        inputs_are=f"the input json {source_json}",
+        inputs_fix="write the refined points to a new file (the output keeps every field of "
+                   "the input, the coarse points included)")
 
 
 def export_refined(source_json, refined, output):
     """Write refined_json(...) atomically to `output` (checked by check_refined_output:
     never over `source_json`)."""
     check_refined_output(output, source_json)
-    with open(source_json, encoding="utf-8") as f:
-        source = json.load(f)
+    source = read_json(source_json)
     data, count = refined_json(source, refined)
     write_json_atomic(data, output)
     return source, data, count

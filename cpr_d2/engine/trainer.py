@@ -9,37 +9,31 @@ iteration. So a run killed and resumed with --resume ends with the weights of an
 uninterrupted run. A non-finite loss term stops training with the iteration, the
 term and the last good checkpoint.
 """
-import contextlib
 import logging
 import os
-import re
-import sys
 import weakref
 from collections.abc import Mapping
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import (build_detection_test_loader, build_detection_train_loader,
                              get_detection_dataset_dicts)
-from detectron2.engine import DefaultTrainer, default_setup, hooks
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
-from cpr_d2.config import get_cpr_d2_cfg
-from cpr_d2.data import PointDatasetMapper, register_point_coco, set_outside_image_policy
+from cpr_d2.data import PointDatasetMapper
 from cpr_d2.data.classes import (ClassListCheckpointable, check_evaluation_classes,
-                                 resolve_num_classes, training_classes)
+                                 training_classes)
 from cpr_d2.data.samplers import ResumableTrainingSampler, build_resumable_train_loader
 from cpr_d2.evaluation import build_point_evaluator
 from cpr_d2.evaluation.cpr_evaluator import CPREvaluator
-from cpr_d2.utils.io import atomic_path, write_text_atomic
 from cpr_d2.utils.threads import machine_share
 
+from .checkpoint import AtomicCheckpointer
 from .count_calibration import CountCalibrationHook, calibration_split, check_count_calibration
 from .ema import EMAHook
 
-__all__ = ["AtomicCheckpointer", "Trainer", "setup_cfg", "is_cpr", "register_point_jsons"]
+__all__ = ["Trainer", "is_cpr"]
 
 OPTIMIZERS = ("SGD", "ADAM")
 
@@ -49,84 +43,6 @@ logger = logging.getLogger(__name__)
 def is_cpr(cfg):
     """CPRNet works on annotated points at test time too (it refines them)."""
     return cfg.MODEL.META_ARCHITECTURE == "CPRNet"
-
-
-def _first_non_finite(state_dict):
-    """The name of the first floating-point tensor of `state_dict` with a NaN or an
-    infinity, or None."""
-    for name, value in state_dict.items():
-        if torch.is_tensor(value) and value.is_floating_point() and not bool(
-                torch.isfinite(value).all()):
-            return name
-    return None
-
-
-class AtomicCheckpointer(DetectionCheckpointer):
-    """A DetectionCheckpointer whose checkpoints and `last_checkpoint` tag are written
-    atomically (a temporary file in the same folder, fsynced, then renamed), so that
-    a kill while writing leaves the previous good file. It refuses to write a model
-    with non-finite weights. `last_saved` is the path of the last checkpoint this
-    object wrote."""
-
-    # The temporaries atomic_path makes for a checkpoint or the tag: ".<name>.<8 random
-    # characters of mkstemp>.tmp[.pth]".
-    _TEMPORARY = re.compile(r"^\.(model_[^/]+|last_checkpoint)\.[a-z0-9_]{8}\.tmp(\.pth)?$")
-
-    def __init__(self, model, save_dir="", *, save_to_disk=None, **checkpointables):
-        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
-        self.last_saved = None
-
-    def remove_stale_temporaries(self):
-        """Delete the half-written temporaries a process killed while saving left in
-        save_dir (they are never read). Only call it where no other process is saving
-        into save_dir. Returns the removed paths."""
-        if not self.save_dir or not self.save_to_disk or "://" in self.save_dir:
-            return []
-        try:
-            names = os.listdir(self.save_dir)
-        except FileNotFoundError:
-            return []
-        removed = []
-        for name in sorted(names):
-            path = os.path.join(self.save_dir, name)
-            if self._TEMPORARY.match(name) and os.path.isfile(path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                    removed.append(path)
-                    self.logger.info(f"Removed {path}, left by a process killed while saving")
-        return removed
-
-    def save(self, name, **kwargs):
-        if not self.save_dir or not self.save_to_disk:
-            return
-        if "://" in self.save_dir:  # not a local folder: no rename there
-            super().save(name, **kwargs)
-            self.last_saved = os.path.join(self.save_dir, f"{name}.pth")
-            return
-        data = {"model": self.model.state_dict()}
-        bad = _first_non_finite(data["model"])
-        if bad is not None:
-            raise FloatingPointError(
-                f"not saving checkpoint '{name}': the model's weight '{bad}' is not finite; the "
-                f"last good checkpoint is {self.last_saved or 'none yet'}")
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
-        if os.path.basename(save_file) != basename:
-            raise ValueError(f"checkpoint name must be a file name, got '{name}'")
-        self.logger.info("Saving checkpoint to {}".format(save_file))
-        with atomic_path(save_file) as tmp:
-            torch.save(data, tmp)
-        self.last_saved = save_file
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename):
-        save_file = os.path.join(self.save_dir, "last_checkpoint")
-        if "://" in save_file:
-            return super().tag_last_checkpoint(last_filename_basename)
-        write_text_atomic(last_filename_basename, save_file)
 
 
 def data_seed(cfg):
@@ -363,106 +279,3 @@ def _describe(value):
     if value.numel() == 1:
         return f"{value.item()}"
     return f"a tensor of shape {tuple(value.shape)} with non-finite entries"
-
-
-def _merge(cfg, merge, source):
-    try:
-        merge()
-    except (KeyError, AssertionError) as e:
-        message = str(e).strip("'\"")
-        if "Non-existent" not in message:
-            raise
-        raise KeyError(f"{source}: {message}. Check the spelling; cpr_d2's keys and their "
-                       "meaning are in cpr_d2/config.py, detectron2's in its defaults.py") from None
-    except ValueError as e:
-        if "Type mismatch" not in str(e):
-            raise
-        raise ValueError(f"{source}: {e}; give the key a value of its default's type") from None
-
-
-def merge_config(config_file, opts, source="command-line override"):
-    """cpr_d2's config with `config_file` (may be empty) and the KEY VALUE list `opts`
-    merged in, unfrozen; a misspelt key or a wrong type names the file or `source`."""
-    cfg = get_cpr_d2_cfg()
-    if config_file:
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"config file not found: {config_file}")
-        _merge(cfg, lambda: cfg.merge_from_file(config_file), config_file)
-    _merge(cfg, lambda: cfg.merge_from_list(opts), source)
-    return cfg
-
-
-def register_point_jsons(cfg):
-    """Register DATASETS.POINT_JSONS, (name, json file, image root) triples. A name already
-    registered with the same files is left alone; with other files it is an error."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
-    for k, entry in enumerate(cfg.DATASETS.POINT_JSONS):
-        if (not isinstance(entry, (tuple, list)) or len(entry) != 3
-                or not all(isinstance(v, str) and v for v in entry)):
-            raise ValueError(
-                f"DATASETS.POINT_JSONS[{k}] is {entry!r}; each entry must be a (name, json file, "
-                "image root) triple of strings, e.g. (('trees', 'trees.json', 'images/'),)")
-        name, json_file, image_root = entry
-        if not os.path.isfile(json_file):
-            raise FileNotFoundError(f"DATASETS.POINT_JSONS[{k}] ('{name}'): json file not found: "
-                                    f"{json_file}")
-        if not os.path.isdir(image_root):
-            raise FileNotFoundError(f"DATASETS.POINT_JSONS[{k}] ('{name}'): image root is not a "
-                                    f"directory: {image_root}")
-        if name in DatasetCatalog.list():
-            meta = MetadataCatalog.get(name)
-            if (getattr(meta, "json_file", None), getattr(meta, "image_root", None)) == (
-                    json_file, image_root):
-                continue
-            raise ValueError(f"DATASETS.POINT_JSONS[{k}]: dataset '{name}' is already registered "
-                             "with other files; pick another name")
-        register_point_coco(name, json_file, image_root)
-
-
-# Long log lines that go to OUTPUT_DIR/log.txt only, not to the console: the
-# environment, the config file and the full config (default_setup), the model.
-_FILE_ONLY_PREFIXES = ("Environment info:", "Contents of args.config_file=",
-                       "Running with full config:", "Model:\n")
-
-
-class _FileOnly(logging.Filter):
-    def filter(self, record):
-        return not (isinstance(record.msg, str) and record.msg.startswith(_FILE_ONLY_PREFIXES))
-
-
-def setup_logging(output_dir):
-    """detectron2's, fvcore's and this package's loggers, to the console and
-    `output_dir`/log.txt (detectron2's setup_logger), with the long dumps listed in
-    _FILE_ONLY_PREFIXES kept off the console. Call it before default_setup: its
-    setup_logger calls are cached, so default_setup gets these loggers."""
-    rank = comm.get_rank()
-    setup_logger(output_dir, distributed_rank=rank, name="fvcore")
-    for name in (None, "cpr_d2"):
-        log = setup_logger(output_dir, distributed_rank=rank) if name is None else \
-            setup_logger(output_dir, distributed_rank=rank, name=name)
-        for handler in log.handlers:
-            # The console's handler (log.txt has a StreamHandler on the file too).
-            console = getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
-            if console and not any(isinstance(f, _FileOnly) for f in handler.filters):
-                handler.addFilter(_FileOnly())
-
-
-def setup_cfg(args, output_subdir=None, training=False):
-    """The config of a tools/ command line: cpr_d2's keys, the file, the overrides, then
-    the class count (cpr_d2.data.classes.resolve_num_classes: from the training data
-    when `training`, else from MODEL.WEIGHTS first).
-    `output_subdir` puts this command's logs and config under OUTPUT_DIR/<subdir>, so
-    that it does not overwrite a training run's."""
-    cfg = merge_config(args.config_file, args.opts)
-    if output_subdir:
-        cfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, output_subdir)
-    # detectron2's, fvcore's and this package's lines (the point AP table, the counting
-    # threshold, what loading the data found, ...) reach the console and OUTPUT_DIR/log.txt.
-    setup_logging(cfg.OUTPUT_DIR)
-    set_outside_image_policy(cfg.DATASETS.POINTS_OUTSIDE_IMAGE)
-    register_point_jsons(cfg)
-    resolve_num_classes(cfg, training=training)
-    cfg.freeze()
-    default_setup(cfg, args)
-    return cfg

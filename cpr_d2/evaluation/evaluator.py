@@ -36,7 +36,7 @@ from cpr_d2.evaluation.point_ap import (
 )
 
 __all__ = ["PointAPEvaluator", "build_point_evaluator", "load_point_ground_truth",
-           "prediction_class_indices"]
+           "point_ap_dets", "point_ap_settings", "prediction_class_indices"]
 
 PREDICTIONS_FILE = "point_predictions.json"
 METRICS_FILE = "point_ap_metrics.json"
@@ -326,3 +326,52 @@ def build_point_evaluator(cfg, dataset_name, output_dir=None, distributed=True):
         clean=keys.CLEAN,
         count_score_thresh=keys.COUNT_SCORE_THRESH,
     )
+
+
+def point_ap_dets(rows, image_ids, source="<predictions>", dataset_name=None):
+    """Per-image detections in the format of ``evaluate_point_ap`` (one entry per image of
+    ``image_ids``, in that order; an image without rows is empty) from the rows of a
+    ``point_predictions.json`` (``image_id``, ``category_id``, ``point``, ``score``), in
+    their order, as the evaluator wrote them. Their ``category_id`` is registered dataset
+    ``dataset_name``'s id, mapped to the class index; without a dataset, the index."""
+    if dataset_name is not None:
+        indices = prediction_class_indices(rows, dataset_name, source)
+        rows = [dict(row, category_id=c) for row, c in zip(rows, indices)]
+    index = {image_id: k for k, image_id in enumerate(image_ids)}
+    points = [[] for _ in image_ids]
+    scores = [[] for _ in image_ids]
+    classes = [[] for _ in image_ids]
+    for n, row in enumerate(rows):
+        try:
+            k = index[row["image_id"]]
+        except KeyError:
+            raise ValueError(f"{source}: row {n} is for image_id {row['image_id']!r}, which the "
+                             "test dataset does not have; rerun the stage that wrote it "
+                             "(--force <stage>)") from None
+        points[k].append(row["point"])
+        scores[k].append(row["score"])
+        classes[k].append(row["category_id"])
+    return [{"points": np.asarray(p, dtype=np.float64).reshape(-1, 2),
+             "scores": np.asarray(s, dtype=np.float32).reshape(-1),
+             "classes": np.asarray(c, dtype=np.int64).reshape(-1)}
+            for p, s, c in zip(points, scores, classes)]
+
+
+def point_ap_settings(config_yaml, metadata=None):
+    """The point-AP settings an evaluation ran with, for recomputing its AP@tau over the
+    range ``all``: ``{"size_range": (lo, hi), "max_dets", "clean"}`` from the
+    ``TEST.POINT_AP`` keys of the config a training wrote (``OUTPUT_DIR/config.yaml``),
+    with the dataset's metadata and then the defaults for empty keys, as
+    ``build_point_evaluator`` does. None when the size ranges have no range ``all``."""
+    import yaml
+
+    keys = {}
+    if config_yaml and os.path.isfile(config_yaml):
+        with open(config_yaml, encoding="utf-8") as f:
+            keys = ((yaml.safe_load(f) or {}).get("TEST") or {}).get("POINT_AP") or {}
+    size_ranges, max_dets = point_ap_size_ranges_and_max_dets(keys, metadata)
+    names, bounds = _resolve_size_ranges(size_ranges)
+    if "all" not in names:
+        return None
+    return {"size_range": bounds[names.index("all")], "max_dets": int(max_dets),
+            "clean": bool(keys.get("CLEAN", False))}

@@ -23,6 +23,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from cpr_d2.data.point_json import true_box
 from cpr_d2.utils.records import finite_floats
 
 __all__ = [
@@ -152,8 +153,7 @@ class _Objects:
 
 
 def _box_of(ann) -> Optional[List[float]]:
-    # The official CPR release keeps the true box in `true_bbox` (its `bbox` is a pseudo box).
-    return finite_floats(ann.get("true_bbox", ann.get("bbox")), 4)
+    return true_box(ann)
 
 
 def _collect(data: Dict, point_key: str, include_crowd: bool, source: str) -> _Objects:

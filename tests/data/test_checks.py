@@ -9,7 +9,7 @@ from detectron2.data import detection_utils as utils
 from PIL import Image
 
 from cpr_d2.config import get_cpr_d2_cfg
-from cpr_d2.data import PointJsonError, load_point_json, set_outside_image_policy
+from cpr_d2.data import PointJsonError, load_point_json
 from cpr_d2.data import checks
 from cpr_d2.data.checks import check_dataset_images, check_training_images, image_problems
 
@@ -212,12 +212,8 @@ def test_a_json_with_every_object_point_off_its_image_is_refused(tmp_path, polic
     # Image 1 is 60 x 40; annotation 12 is a crowd region ("ignore": 1).
     data = _points(base_json(), [[75.0, 8.0], [40.0, 130.0], [50.0, 5.0]])
     path, root = write_dataset(tmp_path, data, images=False)
-    set_outside_image_policy(policy)
-    try:
-        with pytest.raises(PointJsonError) as err:
-            load_point_json(path, root)
-    finally:
-        set_outside_image_policy("warn")
+    with pytest.raises(PointJsonError) as err:
+        load_point_json(path, root, points_outside_image=policy)
     message = str(err.value)
     assert message.startswith(
         f"{path}: all 2 object points lie outside their image (first: annotation id 10 of image "

@@ -6,8 +6,7 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from cpr_d2.data import (PointJsonError, load_point_json, register_point_coco,
-                         set_outside_image_policy)
+from cpr_d2.data import PointJsonError, load_point_json, register_point_coco
 
 from .helpers import base_json, write_dataset
 
@@ -89,14 +88,44 @@ def test_points_outside_the_image_warn_or_fail(tmp_path, caplog):
         records = load_point_json(path, root)
     assert len(records[0]["annotations"]) == 3
     assert "2 of 3 points lie outside their image (first: annotation id 11" in caplog.text
-    set_outside_image_policy("error")
+    with pytest.raises(PointJsonError, match="2 of 3 points lie outside"):
+        load_point_json(path, root, points_outside_image="error")
+    with pytest.raises(ValueError, match="policy"):
+        load_point_json(path, root, points_outside_image="ignore")
+    with pytest.raises(ValueError, match="policy"):
+        register_point_coco("outside_policy_typo", path, root, points_outside_image="ignore")
+    # The policy is the registration's: a registered json refuses its points at load time.
+    register_point_coco("outside_policy_error", path, root, points_outside_image="error")
     try:
         with pytest.raises(PointJsonError, match="2 of 3 points lie outside"):
-            load_point_json(path, root)
+            DatasetCatalog.get("outside_policy_error")
     finally:
-        set_outside_image_policy("warn")
-    with pytest.raises(ValueError, match="policy"):
-        set_outside_image_policy("ignore")
+        DatasetCatalog.remove("outside_policy_error")
+        MetadataCatalog.remove("outside_policy_error")
+
+
+@pytest.mark.parametrize("policy", ["warn", "error"])
+def test_point_jsons_of_a_config_load_with_its_outside_image_policy(tmp_path, policy):
+    from cpr_d2.config import get_cpr_d2_cfg
+    from cpr_d2.data import register_point_jsons
+
+    data = base_json()
+    data["annotations"][1]["point"] = [61.0, 10.0]  # off its 60 x 40 image
+    path, root = write_dataset(tmp_path, data)
+    name = f"outside_policy_cfg_{policy}"
+    cfg = get_cpr_d2_cfg()
+    cfg.DATASETS.POINTS_OUTSIDE_IMAGE = policy
+    cfg.DATASETS.POINT_JSONS = ((name, path, root),)
+    register_point_jsons(cfg)
+    try:
+        if policy == "error":
+            with pytest.raises(PointJsonError, match="1 of 3 points lie outside"):
+                DatasetCatalog.get(name)
+        else:
+            assert len(DatasetCatalog.get(name)[0]["annotations"]) == 3
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
 
 
 def _mutated(mutate):

@@ -60,14 +60,12 @@ def fast_cfg(config):
     """The config, without default_setup (no logging, no reseeding)."""
     from cpr_d2.config import get_cpr_d2_cfg
     from cpr_d2.data.classes import resolve_num_classes
-    from cpr_d2.data.datasets.point_coco import set_outside_image_policy
 
     cfg = get_cpr_d2_cfg()
     cfg.merge_from_file(str(ROOT / config))
     cfg.merge_from_list(FAST)
     resolve_num_classes(cfg, training=True)  # the forest configs take it from the data
     cfg.freeze()
-    set_outside_image_policy(cfg.DATASETS.POINTS_OUTSIDE_IMAGE)
     return cfg
 
 

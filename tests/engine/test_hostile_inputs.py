@@ -222,8 +222,9 @@ def test_refine_export_never_writes_over_its_input(tmp_path, checkpoints):
 # ---- tools/make_coarse.py -----------------------------------------------------------------
 
 @pytest.mark.parametrize("content,message", [
-    ("", r"in.json: cannot read json"),
-    ('{"images": [', r"in.json: cannot read json"),
+    ("", r"input json .*in.json is not valid json \(line 1, column 1: Expecting value\); "
+         r"pass a COCO json"),
+    ('{"images": [', r"input json .*in.json is not valid json \(line 1, column 13"),
     ({"images": [{"id": 1}], "annotations": [{"id": 3, "image_id": 1, "category_id": 1}]},
      r"annotation id 3"),
     (None, r"missing.json"),

@@ -6,7 +6,8 @@ import json
 import pytest
 from PIL import Image
 
-from cpr_d2.engine.pipeline import centres_json, markdown_table, subset_json
+from cpr_d2.data.point_json import centres_json, subset_json
+from cpr_d2.evaluation.tables import markdown_table
 from tests.tool_loader import load_tool
 
 ARGS = ["--subset", "2", "--cpr-iters", "2", "--p2p-iters", "2", "--num-workers", "0",

@@ -1,7 +1,7 @@
 """tools/run_pipeline.py --seeds: one end-to-end run with seeds 0 and 1 on the tiny setup of
 test_pipeline.py (2 images, 2 iterations per stage), checked against each seed's own
 outputs; a rerun skips every stage; the settings check covers the seeds; and the tables
-over seeds (cpr_d2/engine/pipeline.py) on constructed values."""
+over seeds (cpr_d2/evaluation/tables.py, evaluator.py) on constructed values."""
 import json
 import math
 import re
@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from cpr_d2.engine.pipeline import (localizer_rows, localizer_table, point_ap_dets,
-                                    point_ap_settings, seeds_localizer_rows,
-                                    seeds_training_rows, summarize_seeds)
+from cpr_d2.evaluation.evaluator import point_ap_dets, point_ap_settings
+from cpr_d2.evaluation.tables import (localizer_rows, localizer_table, seeds_localizer_rows,
+                                      seeds_training_rows, summarize_seeds)
 from tests.engine.test_pipeline import ARGS
 from tests.tool_loader import load_tool
 

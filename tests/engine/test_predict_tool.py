@@ -121,9 +121,9 @@ def test_csv_output(tmp_path, weights, images):
 
 @pytest.mark.parametrize("output, message", [
     ("points.txt", "ending in .json .*or .csv"),
-    ("folder", "is a folder; give a file name"),
+    ("folder", "is a folder; pass the path of the file to write, e.g. --output .*points.json"),
     ("images/first", "is one of the input images"),
-    ("blocker/points.json", "is a file, not a folder"),
+    ("blocker/points.json", "blocker is a file, so the folder .*blocker cannot be created"),
 ])
 def test_bad_outputs_are_refused_before_any_work(tmp_path, weights, images, output, message):
     (tmp_path / "folder").mkdir()

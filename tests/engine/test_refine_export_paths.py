@@ -76,7 +76,7 @@ def test_output_folder_without_write_permission(tool, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("cpr_d2.engine.refine.tempfile.mkstemp", refuse)
+    monkeypatch.setattr("cpr_d2.utils.io.tempfile.mkstemp", refuse)
     with pytest.raises(ValueError, match=rf"--output {tmp_path}/refined.json: cannot create files "
                                          r"in its folder \(PermissionError: Permission denied\); "
                                          r"pass a path in a folder you can write in"):

@@ -155,7 +155,7 @@ def test_two_process_run_killed_and_resumed_ends_with_the_uninterrupted_weights(
 
 _SAVE_AND_HANG = """
 import sys, time, torch
-from cpr_d2.engine.trainer import AtomicCheckpointer
+from cpr_d2.engine.checkpoint import AtomicCheckpointer
 
 model = torch.nn.Linear(3, 2)
 checkpointer = AtomicCheckpointer(model, sys.argv[1], save_to_disk=True)
@@ -177,7 +177,7 @@ checkpointer.save("model_0000002")
 
 
 def test_kill_during_a_save_keeps_the_last_checkpoint_and_the_next_run_clears_the_rest(tmp_path):
-    from cpr_d2.engine.trainer import AtomicCheckpointer
+    from cpr_d2.engine.checkpoint import AtomicCheckpointer
 
     process = subprocess.Popen([sys.executable, "-c", _SAVE_AND_HANG, str(tmp_path)], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -212,7 +212,7 @@ class _Model(torch.nn.Module):
 
 
 def test_interrupted_checkpoint_write_leaves_the_previous_file(tmp_path, monkeypatch):
-    from cpr_d2.engine.trainer import AtomicCheckpointer
+    from cpr_d2.engine.checkpoint import AtomicCheckpointer
 
     model = _Model()
     checkpointer = AtomicCheckpointer(model, str(tmp_path), save_to_disk=True)
@@ -246,7 +246,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_file(tmp_path, monkeyp
 
 
 def test_checkpointer_refuses_non_finite_weights(tmp_path):
-    from cpr_d2.engine.trainer import AtomicCheckpointer
+    from cpr_d2.engine.checkpoint import AtomicCheckpointer
 
     model = _Model()
     checkpointer = AtomicCheckpointer(model, str(tmp_path), save_to_disk=True)

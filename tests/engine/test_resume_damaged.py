@@ -9,7 +9,7 @@ import torch
 
 from cpr_d2.engine.checkpoint import (DamagedCheckpointError, resume_checkpoint_file,
                                       resume_or_load_checkpoint)
-from cpr_d2.engine.trainer import AtomicCheckpointer
+from cpr_d2.engine.checkpoint import AtomicCheckpointer
 from tests.engine.test_resume import TINY, _assert_identical, _finish, _load, _start
 from tests.tool_loader import load_tool
 

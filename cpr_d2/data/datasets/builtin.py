@@ -10,6 +10,7 @@ import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from ..point_json import box_centre
 from .point_coco import load_point_json
 
 __all__ = ["BUILTIN_POINT_DATASETS", "dataset_files", "register_all_builtin"]
@@ -82,7 +83,7 @@ def _load_builtin(name, evaluation_set):
     if not os.path.isfile(json_file):
         raise FileNotFoundError(
             f"dataset '{name}' expects its annotations at {json_file} (DETECTRON2_DATASETS="
-            f"{root}); download the CPR release files (see the README, 'Datasets'), or point "
+            f"{root}); download the CPR release files (see docs/data.md, 'Datasets'), or point "
             "DETECTRON2_DATASETS at the folder that holds them")
     return load_point_json(json_file, image_root, name, box_centre_points=evaluation_set)
 
@@ -93,8 +94,7 @@ def _load_forest(name):
     if name in _BOX_CENTRE_SETS:
         for record in dicts:
             for ann in record["annotations"]:
-                x, y, w, h = ann["bbox"]  # the true box, XYWH
-                ann["point"] = [x + w / 2, y + h / 2]
+                ann["point"] = box_centre(ann["bbox"])  # the loaded true box, XYWH
     return dicts
 
 

@@ -22,7 +22,7 @@ point in `bbox` (the point is that box's centre when `point` is absent).
 Points are continuous pixel coordinates, origin at the image's top-left
 corner (pixel k spans [k, k+1)). A point is on its image when
 0 <= x <= width and 0 <= y <= height. Points off their image are counted and
-kept, or refused (set_outside_image_policy); a json whose every object point
+kept, or refused (the `points_outside_image` argument); a json whose every object point
 (crowd regions aside) is off its image is always refused: its points are in
 another coordinate system.
 
@@ -44,33 +44,29 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from ..point_json import PointJsonError, box_centre, read_json, true_box_key
+
 __all__ = [
     "PointJsonError",
     "load_point_json",
     "register_point_coco",
-    "set_outside_image_policy",
+    "register_point_jsons",
 ]
 
 logger = logging.getLogger(__name__)
 
 OUTSIDE_IMAGE_POLICIES = ("warn", "error")
-_outside_image_policy = "warn"
 # Per-annotation fields copied through to the records when present.
 _EXTRA_FIELDS = ("coarse_point", "refine_score")
 
 
-class PointJsonError(ValueError):
-    """A point json that cannot be loaded; the message names the file, the record and the fix."""
-
-
-def set_outside_image_policy(policy):
-    """What loading does with points off their image: "warn" (count them, keep them) or
-    "error". Set from the config key DATASETS.POINTS_OUTSIDE_IMAGE by the tools."""
-    global _outside_image_policy
+def check_outside_image_policy(policy):
+    """`policy` if it is one of OUTSIDE_IMAGE_POLICIES (what loading does with points off
+    their image: "warn" counts and keeps them, "error" refuses the dataset)."""
     if policy not in OUTSIDE_IMAGE_POLICIES:
         raise ValueError(
             f"points-outside-image policy must be one of {OUTSIDE_IMAGE_POLICIES}, got {policy!r}")
-    _outside_image_policy = policy
+    return policy
 
 
 def _is_number(v):
@@ -110,20 +106,6 @@ def _gc_paused():
     finally:
         if enabled:
             gc.enable()
-
-
-def _read_json(json_file):
-    if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"point json not found: {json_file}")
-    try:
-        with open(json_file, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise PointJsonError(
-            f"{json_file} is not valid json (line {e.lineno}, column {e.colno}: {e.msg}); "
-            "fix or regenerate the file") from None
-    except UnicodeDecodeError as e:
-        raise PointJsonError(f"{json_file} is not a UTF-8 text file ({e}); is it a json?") from None
 
 
 class _Reader:
@@ -226,18 +208,15 @@ class _Invalid(Exception):
 
 def _annotation_point_and_box(reader, ann, where, box_centre_points):
     """(point, true box or None) of one annotation, with detailed errors."""
-    if "true_bbox" in ann:  # the official CPR release
-        true_box = reader.box(ann["true_bbox"], "true_bbox", where)
-        if "point" in ann:
-            return reader.xy(ann["point"], "point", where), true_box
-        x, y, w, h = reader.box(reader.field(ann, "bbox", where, lambda v: True, "[x, y, w, h]"),
-                                "bbox", where)
-        return [x + w / 2, y + h / 2], true_box
-    true_box = reader.box(ann["bbox"], "bbox", where) if "bbox" in ann else None
+    key = true_box_key(ann)
+    true_box = reader.box(ann[key], key, where) if key in ann else None
     if "point" in ann:
         return reader.xy(ann["point"], "point", where), true_box
+    if key == "true_bbox":  # the official CPR release: the point is its pseudo box's centre
+        return box_centre(reader.box(reader.field(ann, "bbox", where, lambda v: True,
+                                                  "[x, y, w, h]"), "bbox", where)), true_box
     if box_centre_points and true_box is not None:
-        return [true_box[0] + true_box[2] / 2, true_box[1] + true_box[3] / 2], true_box
+        return box_centre(true_box), true_box
     reader.fail(where, "has no 'point'", "add 'point': [x, y], or make coarse points "
                 "from boxes with tools/make_coarse.py")
 
@@ -280,19 +259,18 @@ def _read_annotations_fast(annotations, records, id_map, box_centre_points):
         aid = ann["id"]
         if not isinstance(aid, (int, str)) or isinstance(aid, bool):
             raise _Invalid
-        true_box = ann.get("true_bbox")
-        if true_box is None:
-            true_box = ann.get("bbox")
-            point = ann.get("point")
-            if point is None:
-                if not box_centre_points or true_box is None:
-                    raise _Invalid
-                point = [true_box[0] + true_box[2] / 2, true_box[1] + true_box[3] / 2]
-        else:
-            point = ann.get("point")
-            if point is None:
-                x, y, w, h = ann["bbox"]
-                point = [x + w / 2, y + h / 2]
+        key = true_box_key(ann)
+        true_box = ann.get(key)
+        if key == "true_bbox" and true_box is None:
+            raise _Invalid
+        point = ann.get("point")
+        if point is None:
+            if key == "true_bbox":  # the official CPR release
+                point = box_centre(ann["bbox"])
+            elif box_centre_points and true_box is not None:
+                point = box_centre(true_box)
+            else:
+                raise _Invalid
         crowd, ignore = _flag(ann.get("iscrowd", 0)), _flag(ann.get("ignore", 0))
         if crowd is None or ignore is None:
             raise _Invalid
@@ -341,7 +319,8 @@ def _refuse_all_points_outside(json_file, loaded, records, objects, swapped_insi
         f"and height are right{swapped}")
 
 
-def load_point_json(json_file, image_root, dataset_name=None, *, box_centre_points=False):
+def load_point_json(json_file, image_root, dataset_name=None, *, box_centre_points=False,
+                    points_outside_image="warn"):
     """Load a point json (module docstring) into detectron2 dataset dicts.
 
     Args:
@@ -352,17 +331,22 @@ def load_point_json(json_file, image_root, dataset_name=None, *, box_centre_poin
         box_centre_points: annotations without a point take their true box's
             centre (evaluation sets in plain COCO format); otherwise such an
             annotation is an error.
+        points_outside_image: what to do with points off their image: "warn" (count
+            them in a warning, keep them) or "error" (refuse the json). A json whose
+            every object point is off its image is refused either way.
 
     Returns:
         list[dict], one per image, in the json's image order, images without
         annotations included.
     """
+    check_outside_image_policy(points_outside_image)
     with _gc_paused():
-        return _load_point_json(json_file, image_root, dataset_name, box_centre_points)
+        return _load_point_json(json_file, image_root, dataset_name, box_centre_points,
+                                points_outside_image)
 
 
-def _load_point_json(json_file, image_root, dataset_name, box_centre_points):
-    data = _read_json(json_file)
+def _load_point_json(json_file, image_root, dataset_name, box_centre_points, outside_policy):
+    data = read_json(json_file)
     reader = _Reader(json_file)
     if not isinstance(data, dict):
         reader.fail("top level", f"expected a json object, got {type(data).__name__}",
@@ -398,7 +382,7 @@ def _load_point_json(json_file, image_root, dataset_name, box_centre_points):
         aid, iid, point = outside[0]
         message = (f"{json_file}: {len(outside)} of {len(annotations)} points lie outside their "
                    f"image (first: annotation id {aid!r} of image id {iid!r} at {point})")
-        if _outside_image_policy == "error":
+        if outside_policy == "error":
             raise PointJsonError(message + "; fix them, or set DATASETS.POINTS_OUTSIDE_IMAGE "
                                  "to 'warn' to keep them")
         logger.warning(message + "; they are kept (DATASETS.POINTS_OUTSIDE_IMAGE: 'error' "
@@ -413,11 +397,43 @@ def _load_point_json(json_file, image_root, dataset_name, box_centre_points):
     return list(records.values())
 
 
-def register_point_coco(name, json_file, image_root, *, box_centre_points=False, **metadata):
-    """Register a point json as detectron2 dataset `name` (loaded lazily, on first use)."""
+def register_point_coco(name, json_file, image_root, *, box_centre_points=False,
+                        points_outside_image="warn", **metadata):
+    """Register a point json as detectron2 dataset `name` (loaded lazily, on first use);
+    `box_centre_points` and `points_outside_image` are load_point_json's."""
     if name in DatasetCatalog.list():
         raise ValueError(f"dataset '{name}' is already registered; pick another name")
+    check_outside_image_policy(points_outside_image)
     DatasetCatalog.register(name, lambda: load_point_json(
-        json_file, image_root, name, box_centre_points=box_centre_points))
+        json_file, image_root, name, box_centre_points=box_centre_points,
+        points_outside_image=points_outside_image))
     MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root,
                                   evaluator_type="point_ap", **metadata)
+
+
+def register_point_jsons(cfg):
+    """Register the point jsons of config `cfg`'s DATASETS.POINT_JSONS, (name, json file,
+    image root) triples, with its DATASETS.POINTS_OUTSIDE_IMAGE policy. A name already
+    registered with the same files is left alone; with other files it is an error."""
+    for k, entry in enumerate(cfg.DATASETS.POINT_JSONS):
+        if (not isinstance(entry, (tuple, list)) or len(entry) != 3
+                or not all(isinstance(v, str) and v for v in entry)):
+            raise ValueError(
+                f"DATASETS.POINT_JSONS[{k}] is {entry!r}; each entry must be a (name, json file, "
+                "image root) triple of strings, e.g. (('trees', 'trees.json', 'images/'),)")
+        name, json_file, image_root = entry
+        if not os.path.isfile(json_file):
+            raise FileNotFoundError(f"DATASETS.POINT_JSONS[{k}] ('{name}'): json file not found: "
+                                    f"{json_file}")
+        if not os.path.isdir(image_root):
+            raise FileNotFoundError(f"DATASETS.POINT_JSONS[{k}] ('{name}'): image root is not a "
+                                    f"directory: {image_root}")
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            if (getattr(meta, "json_file", None), getattr(meta, "image_root", None)) == (
+                    json_file, image_root):
+                continue
+            raise ValueError(f"DATASETS.POINT_JSONS[{k}]: dataset '{name}' is already registered "
+                             "with other files; pick another name")
+        register_point_coco(name, json_file, image_root,
+                            points_outside_image=cfg.DATASETS.POINTS_OUTSIDE_IMAGE)

@@ -1,74 +1,19 @@
-"""Pieces of the whole CPR pipeline (tools/run_pipeline.py): the training jsons it derives
-from a point dataset, the results table it prints, and the tables over several seeds
-(``--seeds``)."""
-import copy
-import json
+"""The markdown tables of the pipeline's results (tools/run_pipeline.py): how the
+training points changed (semantic variance and distance per size range, coarse ->
+refined), the localizers' point-AP and counting metrics, and both over several seeds
+(mean ± std)."""
 import math
-import os
-
-import numpy as np
 
 from cpr_d2.evaluation.seed_stats import aggregate_seeds
 from cpr_d2.evaluation.semantic_variance import compare_point_jsons
-from cpr_d2.utils.io import write_json_atomic
 
-__all__ = ["subset_json", "centres_json", "training_points_rows", "localizer_rows",
-           "localizer_table", "markdown_table", "read_json", "summarize_seeds",
-           "seeds_localizer_rows", "seeds_training_rows", "point_ap_dets",
-           "point_ap_settings"]
+__all__ = ["LOCALIZER_METRICS", "change_percent", "localizer_rows", "localizer_table",
+           "markdown_table", "seeds_localizer_rows", "seeds_training_rows", "summarize_seeds",
+           "training_points_rows"]
 
 LOCALIZER_METRICS = ("AP@0.5", "AP@1", "AP@2", "mAP", "MAE", "RMSE")
 # Column of the localizer tables that shows the score threshold counting used.
 COUNT_THRESHOLD_COLUMN = "count thresh"
-
-
-def read_json(path, what):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} {path} is not valid json ({e}); delete it and rerun the "
-                         "stage that writes it") from None
-
-
-def subset_json(data, num_images):
-    """A copy of a point json with its first `num_images` images (by order in "images")
-    and their annotations."""
-    out = copy.deepcopy(data)
-    out["images"] = out.get("images", [])[:num_images]
-    keep = {img["id"] for img in out["images"]}
-    out["annotations"] = [a for a in out.get("annotations", []) if a.get("image_id") in keep]
-    return out
-
-
-def _true_box(ann):
-    box = ann.get("true_bbox", ann.get("bbox"))
-    if box is None or len(box) != 4:
-        return None
-    return [float(v) for v in box]
-
-
-def centres_json(data, source="<json>"):
-    """A copy of a point json whose points are the true box centres (`true_bbox` when
-    present, else `bbox`); the point it replaced is kept as `coarse_point`."""
-    out = copy.deepcopy(data)
-    for index, ann in enumerate(out.get("annotations", [])):
-        box = _true_box(ann)
-        if box is None:
-            raise ValueError(f"{source}: annotation id {ann.get('id', f'#{index}')} has no true box "
-                             "('true_bbox' or 'bbox'); the true-centre localizer needs one on "
-                             "every annotation")
-        if "point" in ann:
-            ann["coarse_point"] = ann["point"]
-        ann["point"] = [box[0] + box[2] / 2, box[1] + box[3] / 2]
-    return out
-
-
-def write_derived_json(data, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_json_atomic(data, path)
 
 
 def _pct(new, old):
@@ -141,9 +86,6 @@ def markdown_table(rows, columns=None):
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
     return "\n".join(lines)
-
-
-# ---- several seeds (tools/run_pipeline.py --seeds) ------------------------------------
 
 
 def _is_finite(value):
@@ -248,57 +190,3 @@ def seeds_training_rows(points_by_seed):
                 else f"{stats[key]['mean']:+.1f} ± {stats[key]['std']:.1f}%")
         rows.append(row)
     return rows, summary
-
-
-def point_ap_dets(rows, image_ids, source="<predictions>", dataset_name=None):
-    """Per-image detections in the format of ``evaluate_point_ap`` (one entry per image of
-    ``image_ids``, in that order; an image without rows is empty) from the rows of a
-    ``point_predictions.json`` (``image_id``, ``category_id``, ``point``, ``score``), in
-    their order, as the evaluator wrote them. Their ``category_id`` is registered dataset
-    ``dataset_name``'s id, mapped to the class index; without a dataset, the index."""
-    if dataset_name is not None:
-        from cpr_d2.evaluation.evaluator import prediction_class_indices
-
-        indices = prediction_class_indices(rows, dataset_name, source)
-        rows = [dict(row, category_id=c) for row, c in zip(rows, indices)]
-    index = {image_id: k for k, image_id in enumerate(image_ids)}
-    points = [[] for _ in image_ids]
-    scores = [[] for _ in image_ids]
-    classes = [[] for _ in image_ids]
-    for n, row in enumerate(rows):
-        try:
-            k = index[row["image_id"]]
-        except KeyError:
-            raise ValueError(f"{source}: row {n} is for image_id {row['image_id']!r}, which the "
-                             "test dataset does not have; rerun the stage that wrote it "
-                             "(--force <stage>)") from None
-        points[k].append(row["point"])
-        scores[k].append(row["score"])
-        classes[k].append(row["category_id"])
-    return [{"points": np.asarray(p, dtype=np.float64).reshape(-1, 2),
-             "scores": np.asarray(s, dtype=np.float32).reshape(-1),
-             "classes": np.asarray(c, dtype=np.int64).reshape(-1)}
-            for p, s, c in zip(points, scores, classes)]
-
-
-def point_ap_settings(config_yaml, metadata=None):
-    """The point-AP settings an evaluation ran with, for recomputing its AP@tau over the
-    range ``all``: ``{"size_range": (lo, hi), "max_dets", "clean"}`` from the
-    ``TEST.POINT_AP`` keys of the config a training wrote (``OUTPUT_DIR/config.yaml``),
-    with the dataset's metadata and then the defaults for empty keys, as
-    ``build_point_evaluator`` does. None when the size ranges have no range ``all``."""
-    import yaml
-
-    from cpr_d2.evaluation.evaluator import point_ap_size_ranges_and_max_dets
-    from cpr_d2.evaluation.point_ap import _resolve_size_ranges
-
-    keys = {}
-    if config_yaml and os.path.isfile(config_yaml):
-        with open(config_yaml, encoding="utf-8") as f:
-            keys = ((yaml.safe_load(f) or {}).get("TEST") or {}).get("POINT_AP") or {}
-    size_ranges, max_dets = point_ap_size_ranges_and_max_dets(keys, metadata)
-    names, bounds = _resolve_size_ranges(size_ranges)
-    if "all" not in names:
-        return None
-    return {"size_range": bounds[names.index("all")], "max_dets": int(max_dets),
-            "clean": bool(keys.get("CLEAN", False))}
