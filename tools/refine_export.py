@@ -13,11 +13,21 @@ straight into register_point_coco, e.g. to train P2PNet on refined points.
 the input json) in a folder that exists or can be created, and that this user can
 write in.
 With true boxes in the json, the semantic variance before and after is printed.
+
+--folds K (K >= 2) cross-fits the refinement: K CPRNets train, with the config's
+training settings (MODEL.WEIGHTS is then their initialisation, as for train_net), each
+on every image fold but its own, and each image is refined by the model that never saw
+it. The fold models go to OUTPUT_DIR/refine_export/crossfit_<K>/fold_<k>/ (a rerun
+skips those already trained); each annotation also gets `refine_fold` and
+`refine_disagreement`, the distance in pixels from its point to the other fold
+models' points. --folds 1 (the default) refines with the one model MODEL.WEIGHTS.
 Several processes share the images: --num-gpus N (CUDA, NCCL) or --num-gpus 0
 --num-workers N (CPU, gloo); the main process writes the json.
 """
+import argparse
+import hashlib
+import os
 import sys
-import uuid
 
 from cli_args import launch_parser
 
@@ -29,9 +39,14 @@ def parse_args(argv=None):
     source.add_argument("--json", help="a point json to refine (with --image-root)")
     parser.add_argument("--image-root", help="folder of the images of --json")
     parser.add_argument("--output", required=True, help="refined json to write")
+    parser.add_argument("--folds", type=int, default=1,
+                        help="cross-fit over K image folds: train K CPRNets and refine each "
+                             "image with the one that never saw it (default 1: MODEL.WEIGHTS)")
     args = parser.parse_args(argv)
     if args.json and not args.image_root:
         parser.error("--json needs --image-root")
+    if args.folds < 1:
+        parser.error(f"--folds must be >= 1, got {args.folds}")
     return args
 
 
@@ -42,27 +57,37 @@ def main(args):
 
     from cpr_d2.data import dataset_files, register_point_coco
     from cpr_d2.engine import Trainer, load_inference_weights, setup_cfg
+    from cpr_d2.engine.crossfit import crossfit_refine
     from cpr_d2.engine.refine import check_refined_output, export_refined, refine_dataset
     from cpr_d2.evaluation.semantic_variance import compare_point_jsons, format_comparison
 
     # Before any work: a refinement whose json cannot be written is lost.
     check_refined_output(args.output, args.json)
-    cfg = setup_cfg(args, output_subdir="refine_export")
-    if cfg.MODEL.META_ARCHITECTURE != "CPRNet":
-        raise ValueError(f"{args.config_file} builds {cfg.MODEL.META_ARCHITECTURE}; refinement "
-                         "needs a CPRNet config")
+    name = args.dataset
     if args.json:
-        name = f"refine_export_{uuid.uuid4().hex[:8]}"
+        # The same name in every process (the fold models' datasets derive from it).
+        name = f"refine_export_{hashlib.sha1(os.path.abspath(args.json).encode()).hexdigest()[:8]}"
         register_point_coco(name, args.json, args.image_root)
-        source_json = args.json
-    else:
-        name = args.dataset
-        source_json, _ = dataset_files(name)
-        check_refined_output(args.output, source_json)
-    model = Trainer.build_model(cfg)
-    load_inference_weights(model, cfg.MODEL.WEIGHTS)
     try:
-        refined = refine_dataset(cfg, model, name)
+        if args.folds > 1:  # the fold models train on `name`'s images: its classes
+            args = argparse.Namespace(**vars(args))
+            args.opts = list(args.opts) + ["DATASETS.TRAIN", repr((name,))]
+        cfg = setup_cfg(args, output_subdir="refine_export", training=args.folds > 1)
+        if cfg.MODEL.META_ARCHITECTURE != "CPRNet":
+            raise ValueError(f"{args.config_file} builds {cfg.MODEL.META_ARCHITECTURE}; "
+                             "refinement needs a CPRNet config")
+        if args.json:
+            source_json, image_root = args.json, args.image_root
+        else:  # registered by now (DATASETS.POINT_JSONS too)
+            source_json, image_root = dataset_files(name)
+            check_refined_output(args.output, source_json)
+        if args.folds > 1:
+            refined = crossfit_refine(cfg, name, source_json, image_root, args.folds,
+                                      os.path.join(cfg.OUTPUT_DIR, f"crossfit_{args.folds}"))
+        else:
+            model = Trainer.build_model(cfg)
+            load_inference_weights(model, cfg.MODEL.WEIGHTS)
+            refined = refine_dataset(cfg, model, name)
     finally:
         if args.json:
             DatasetCatalog.remove(name)

@@ -6,7 +6,7 @@ P2PNet on coarse, refined and true-centre points -> point AP on the test set -> 
         [--train-dataset forest] [--test-dataset forest_test]
         [--cpr-config configs/forest/cpr_R18_s8_r2.yaml] [--p2p-config configs/forest/p2p_R18_s8.yaml]
         [--cpr-iters N] [--p2p-iters N] [--iter-scale F] [--device cpu|cuda]
-        [--coarse-seed S] [--subset N] [--force STAGE ...]
+        [--coarse-seed S] [--subset N] [--folds K] [--force STAGE ...]
 
 Stages (each a subprocess of tools/train_net.py or tools/refine_export.py, its output
 shown as it runs and kept in DIR/logs/):
@@ -32,7 +32,7 @@ output/pipeline/<train dataset>[_quick]_seeds.
 
 Any registered point dataset works (--train-dataset / --test-dataset: COCO, DOTA,
 SeaPerson builtins, or a json registered by --point-json NAME JSON IMAGE_ROOT).
-Defaults take about 30 minutes on a 2-core CPU; --quick (fewer iterations, same
+Defaults take about 45 minutes on a 2-core CPU; --quick (fewer iterations, same
 stages) under 5 and marks its table as a smoke run; --device cuda --iter-scale 4
 scales up for a GPU.
 """
@@ -63,11 +63,11 @@ LOCALIZERS = {"p2p_coarse": ("coarse points", "pipeline_coarse"),
               "p2p_refined": ("CPR-refined points", "pipeline_refined"),
               "p2p_centres": ("true box centres", "pipeline_centres")}
 # Lines of the stages' output worth showing: iterations with ETA, results, problems.
-_PROGRESS = re.compile(r"eta: |copypaste: |Error|error: |^refined \d+ of|WARNING|Traceback|"
+_PROGRESS = re.compile(r"eta: |copypaste: |Error|error: |^refined \d+ of|WARNING|Traceback|Fold \d|"
                        r"^\| |semantic variance|^\s*(all|<|>=)")
 QUICK_ITERS = {"cpr": 200, "p2p": 150}
 # The settings of a run directory written before the overrides were recorded.
-NO_OVERRIDES = {"opts": [], "cpr_opts": [], "p2p_opts": []}
+NO_OVERRIDES = {"opts": [], "cpr_opts": [], "p2p_opts": [], "folds": 1}
 FULL_ITERS = {"cpr": 1500, "p2p": 1200}
 
 
@@ -96,6 +96,10 @@ def build_parser():
                    help="regenerate the coarse points from the true boxes with this seed "
                         "(noise --coarse-noise); default: the dataset's own points")
     p.add_argument("--coarse-noise", default="rg-0-0-0.25-0.25")
+    p.add_argument("--folds", type=int, default=1, metavar="K",
+                   help="cross-fitted refinement: train K CPRNets on K image folds and refine "
+                        "each image with the one that never saw it (refine_export --folds; "
+                        "default 1: the cpr stage's model refines)")
     p.add_argument("--subset", type=int, default=None,
                    help="use only the first N images of the training and test sets")
     p.add_argument("--quick", action="store_true",
@@ -184,6 +188,8 @@ def parse_args(argv=None):
         p.error(f"--force: unknown stage(s) {bad}; stages are {', '.join(STAGES)} or all")
     if args.subset is not None and args.subset < 1:
         p.error("--subset must be >= 1")
+    if args.folds < 1:
+        p.error(f"--folds must be >= 1, got {args.folds}")
     if args.seeds is not None:
         if args.seed is not None:
             p.error(f"--seed {args.seed} and --seeds {' '.join(map(str, args.seeds))} exclude each "
@@ -291,7 +297,8 @@ class Run:
             "point_jsons": [list(p) for p in args.point_json],
             "cpr_config": args.cpr_config, "p2p_config": args.p2p_config, "seed": args.seed,
             "coarse_seed": args.coarse_seed, "coarse_noise": args.coarse_noise,
-            "subset": args.subset, "cpr_iters": self.cpr_iters, "p2p_iters": self.p2p_iters,
+            "subset": args.subset, "folds": args.folds, "cpr_iters": self.cpr_iters,
+            "p2p_iters": self.p2p_iters,
             "device": args.device, "quick": args.quick,
             "opts": list(args.opts), "cpr_opts": [list(o) for o in args.cpr_opt],
             "p2p_opts": [list(o) for o in args.p2p_opt],
@@ -422,15 +429,18 @@ class Run:
         write_point_json(train, self.derived["pipeline_coarse"][0])
         write_point_json(centres_json(train, self.train_json), self.derived["pipeline_centres"][0])
 
+    def schedule_opts(self, iters):
+        """The training schedule of a stage of `iters` iterations, and the seed."""
+        return ["SEED", str(self.args.seed), "SOLVER.MAX_ITER", str(iters),
+                "SOLVER.STEPS", f"({max(1, int(0.8 * iters))},)",
+                "SOLVER.WARMUP_ITERS", str(min(100, max(1, iters // 10))),
+                "SOLVER.CHECKPOINT_PERIOD", str(max(50, iters // 5))]
+
     def train_cmd(self, config, out_dir, train_name, test_names, iters, extra=()):
-        steps = f"({max(1, int(0.8 * iters))},)"
         cmd = [sys.executable, os.path.join(_REPO, "tools", "train_net.py"), "--config-file", config,
-               "--resume", "OUTPUT_DIR", out_dir, "SEED", str(self.args.seed),
+               "--resume", "OUTPUT_DIR", out_dir,
                "DATASETS.TRAIN", repr((train_name,)), "DATASETS.TEST", repr(tuple(test_names)),
-               "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", steps,
-               "SOLVER.WARMUP_ITERS", str(min(100, max(1, iters // 10))),
-               "SOLVER.CHECKPOINT_PERIOD", str(max(50, iters // 5)),
-               "MODEL.DEVICE", self.args.device,
+               *self.schedule_opts(iters), "MODEL.DEVICE", self.args.device,
                "DATALOADER.NUM_WORKERS", str(self.args.num_workers)]
         return (cmd + self.point_jsons_opt()
                 + stage_overrides(self.args, config == self.args.cpr_config) + list(extra))
@@ -442,9 +452,13 @@ class Run:
     def stage_refine(self):
         cmd = [sys.executable, os.path.join(_REPO, "tools", "refine_export.py"), "--config-file",
                self.args.cpr_config, "--dataset", "pipeline_coarse", "--output",
-               self.path("refined.json"), "MODEL.WEIGHTS", self.path("cpr", "model_final.pth"),
-               "OUTPUT_DIR", self.path("cpr"), "MODEL.DEVICE", self.args.device,
-               "DATALOADER.NUM_WORKERS", str(self.args.num_workers)] + self.point_jsons_opt()
+               self.path("refined.json")]
+        if self.args.folds > 1:  # the fold models train with the cpr stage's schedule
+            cmd += ["--folds", str(self.args.folds), *self.schedule_opts(self.cpr_iters)]
+        else:
+            cmd += ["MODEL.WEIGHTS", self.path("cpr", "model_final.pth")]
+        cmd += ["OUTPUT_DIR", self.path("cpr"), "MODEL.DEVICE", self.args.device,
+                "DATALOADER.NUM_WORKERS", str(self.args.num_workers)] + self.point_jsons_opt()
         self.run_cmd("refine", cmd + stage_overrides(self.args, cpr=True))
 
     def metrics_path(self, stage):
@@ -478,6 +492,10 @@ class Run:
             return [self.path(stage, "model_final.pth"), self.metrics_path(stage)]
         return [self.path("results.md"), self.path("results.json")]
 
+    def crossfit_dir(self):
+        """Where refine_export --folds keeps the fold models (its OUTPUT_DIR/refine_export)."""
+        return self.path("cpr", "refine_export", f"crossfit_{self.args.folds}")
+
     def smoke(self):
         return self.cpr_iters < FULL_ITERS["cpr"] or self.p2p_iters < FULL_ITERS["p2p"]
 
@@ -485,7 +503,8 @@ class Run:
         """A forced stage starts afresh: its earlier outputs move to <name>.previous (one
         generation kept), so a rerun never resumes from them and nothing is deleted
         before the new run has replaced it."""
-        paths = {"cpr": [self.path("cpr")], "refine": [self.path("refined.json")],
+        paths = {"cpr": [self.path("cpr")],
+                 "refine": [self.path("refined.json"), self.crossfit_dir()],
                  "report": [self.path("results.md"), self.path("results.json")]}.get(
             stage, [self.path(stage)] if stage in LOCALIZERS else [])
         for p in paths:
@@ -525,7 +544,9 @@ class Run:
               f"seed {self.args.seed}, device {self.args.device}"
               + (" (QUICK smoke run)" if self.quick else ""))
         texts = {"data": "training jsons", "cpr": f"train CPRNet ({self.cpr_iters} it)",
-                 "refine": "refine the training points",
+                 "refine": "refine the training points" + (
+                     f" (cross-fitted: {self.args.folds} CPRNets of {self.cpr_iters} it)"
+                     if self.args.folds > 1 else ""),
                  "p2p_coarse": f"P2PNet on coarse points ({self.p2p_iters} it)",
                  "p2p_refined": f"P2PNet on refined points ({self.p2p_iters} it)",
                  "p2p_centres": f"P2PNet on true centres ({self.p2p_iters} it)",

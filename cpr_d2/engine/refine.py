@@ -64,8 +64,9 @@ def refine_dataset(cfg, model, dataset_name, progress=True):
 def refined_json(source, refined):
     """A copy of the point json `source` (a dict) whose annotations, matched by id, have
     `point` replaced by the refined point, plus `coarse_point` (the point it replaced)
-    and `refine_score`. Every other field is kept; annotations without a refinement are
-    left as they are. Returns (json dict, number of annotations refined)."""
+    and `refine_score`; cross-fitted rows add `refine_fold` and `refine_disagreement`
+    (pixels). Every other field is kept; annotations without a refinement are left as
+    they are. Returns (json dict, number of annotations refined)."""
     out = copy.deepcopy(source)
     count = 0
     for ann in out.get("annotations", []):
@@ -75,6 +76,9 @@ def refined_json(source, refined):
         ann["coarse_point"] = ann["point"] if "point" in ann else row["coarse_point"]
         ann["point"] = row["point"]
         ann["refine_score"] = row["score"]
+        if "fold" in row:  # cross-fitted (cpr_d2.engine.crossfit)
+            ann["refine_fold"] = row["fold"]
+            ann["refine_disagreement"] = row["disagreement"]
         count += 1
     return out, count
 

@@ -115,3 +115,39 @@ def test_derived_jsons():
         centres_json({"annotations": [{"id": 7, "point": [1, 1]}]})
     table = markdown_table([{"a": 0.5, "b": None, "c": 12.345}])
     assert table.splitlines() == ["| a | b | c |", "| --- | --- | --- |", "| 0.5000 | - | 12.35 |"]
+
+
+def refine_command(tmp_path, *extra):
+    run_pipeline = load_tool("run_pipeline")
+    run = run_pipeline.Run(run_pipeline.parse_args(["--output", str(tmp_path), *ARGS, *extra]))
+    run.resolve_sources()
+    commands = []
+    run.run_cmd = lambda stage, cmd: commands.append((stage, cmd))
+    run.stage_refine()
+    (stage, cmd), = commands
+    assert stage == "refine"
+    return run, cmd
+
+
+def test_folds_make_the_refine_stage_train_its_fold_models(tmp_path):
+    run, cmd = refine_command(tmp_path, "--folds", "3")
+    assert cmd[cmd.index("--folds") + 1] == "3" and "MODEL.WEIGHTS" not in cmd
+    # The fold models train with the cpr stage's schedule and seed.
+    assert cmd[cmd.index("SOLVER.MAX_ITER") + 1] == "2" and cmd[cmd.index("SEED") + 1] == "0"
+    assert run.settings["folds"] == 3
+    assert run.crossfit_dir() == str(tmp_path / "cpr" / "refine_export" / "crossfit_3")
+    _, plain = refine_command(tmp_path / "one")
+    assert "--folds" not in plain and "SOLVER.MAX_ITER" not in plain
+    assert plain[plain.index("MODEL.WEIGHTS") + 1] == str(tmp_path / "one" / "cpr" /
+                                                          "model_final.pth")
+
+
+def test_a_run_directory_from_before_folds_counts_as_one_fold(pipeline_run):
+    out, run_pipeline = pipeline_run
+    state = json.loads((out / "stages.json").read_text())
+    assert state["settings"].pop("folds") == 1
+    (out / "stages.json").write_text(json.dumps(state))
+    run_pipeline.Run(run_pipeline.parse_args(["--output", str(out), *ARGS])).check_settings()
+    with pytest.raises(SystemExit, match="folds: 1 -> 2"):
+        run_pipeline.Run(run_pipeline.parse_args(["--output", str(out), *ARGS, "--folds", "2"])
+                         ).check_settings()

@@ -1,0 +1,173 @@
+"""Cross-fitted refinement (docs/cprnet.md, "Cross-fitted refinement").
+
+Refining the points a CPRNet was trained on invites it to reproduce what it
+memorised. With K folds, the images are split into K disjoint folds
+(:func:`image_folds`), CPRNet k trains on every fold but k, and each image is
+refined by the model of its own fold, which never saw it. Every model also refines
+the images it did see; how far those points lie from the unseen model's point
+(`disagreement`, in pixels) tells how much the refinement depends on which images a
+model was trained on, a measure that needs no true boxes.
+
+The fold models live under <work dir>/fold_<k>/ (a training run each: log.txt,
+checkpoints, model_final.pth) with <work dir>/folds.json recording the split; a rerun
+with the same settings skips the models already trained and resumes one that was
+interrupted.
+"""
+import copy
+import hashlib
+import logging
+import os
+
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+
+from cpr_d2.data import read_json, register_point_coco
+from cpr_d2.utils.io import write_json_atomic
+
+from .checkpoint import load_inference_weights
+from .refine import refine_dataset
+
+__all__ = ["combine_fold_rows", "crossfit_refine", "fold_json", "image_folds"]
+
+logger = logging.getLogger(__name__)
+
+
+def image_folds(images, folds, source="<json>"):
+    """{image id: fold} for the `images` of a point json (dicts with "id" and
+    "file_name"): in the order of the SHA-1 of their file names, image n goes to fold
+    n mod `folds`. The folds differ in size by at most one image and do not depend on
+    the order of the json or on the seed. ValueError for fewer images than folds."""
+    if not isinstance(folds, int) or folds < 1:
+        raise ValueError(f"--folds must be a whole number >= 1, got {folds!r}")
+    if len(images) < folds:
+        raise ValueError(f"{source}: --folds {folds} needs at least {folds} images (each fold "
+                         f"model trains on the other folds' images), the json has "
+                         f"{len(images)}; use --folds {max(1, len(images))} or fewer")
+    order = sorted(images, key=lambda im: (
+        hashlib.sha1(str(im["file_name"]).encode("utf-8")).hexdigest(), str(im["id"])))
+    return {im["id"]: n % folds for n, im in enumerate(order)}
+
+
+def fold_json(data, folds, fold):
+    """A copy of the point json `data` with the images of every fold but `fold` (a
+    {image id: fold} map) and their annotations: fold model `fold`'s training set."""
+    out = copy.deepcopy(data)
+    out["images"] = [im for im in data.get("images", []) if folds[im["id"]] != fold]
+    keep = {im["id"] for im in out["images"]}
+    out["annotations"] = [a for a in data.get("annotations", []) if a.get("image_id") in keep]
+    return out
+
+
+def combine_fold_rows(rows_per_model, folds, image_of):
+    """The cross-fitted refinement: for every annotation id in the rows of the model of
+    its own image's fold (rows_per_model[k], refine_dataset's rows of fold model k over
+    all images), that model's row, plus "fold" and "disagreement": the mean distance in
+    pixels from its refined point to those of the other fold models (which trained on
+    the image), None for a single model. `image_of` maps annotation ids to image ids."""
+    out = {}
+    for ann_id, image_id in image_of.items():
+        fold = folds[image_id]
+        row = rows_per_model[fold].get(ann_id)
+        if row is None:  # not refined (crowd, off its image)
+            continue
+        point = np.asarray(row["point"], dtype=float)
+        others = [np.asarray(rows[ann_id]["point"], dtype=float)
+                  for k, rows in enumerate(rows_per_model) if k != fold and ann_id in rows]
+        distance = float(np.mean([np.linalg.norm(point - p) for p in others])) if others else None
+        out[ann_id] = {**row, "fold": fold, "disagreement": distance}
+    return out
+
+
+def _fold_settings(cfg, source_json, folds):
+    return {"source_json": os.path.abspath(source_json), "folds": max(folds.values()) + 1,
+            "seed": int(cfg.SEED), "max_iter": int(cfg.SOLVER.MAX_ITER),
+            "weights": cfg.MODEL.WEIGHTS,
+            "images": {str(k): v for k, v in sorted(folds.items(), key=lambda kv: str(kv[0]))}}
+
+
+def _check_work_dir(work_dir, settings):
+    """Refuse a work dir that holds the folds of other settings (a stale fold model
+    would be reused); record the settings in a new one."""
+    manifest = os.path.join(work_dir, "folds.json")
+    if os.path.isfile(manifest):
+        old = read_json(manifest, "the folds' settings",
+                        fix=f"remove {work_dir} to train the fold models afresh")
+        if old != settings:
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise ValueError(
+                f"{work_dir} holds fold models trained with other settings ({', '.join(changed)} "
+                f"differ); give another OUTPUT_DIR, or remove {work_dir} to train them afresh")
+        return
+    if comm.is_main_process():
+        os.makedirs(work_dir, exist_ok=True)
+        write_json_atomic(settings, manifest, indent=1)
+
+
+def _fold_cfg(cfg, name, fold_dir):
+    out = cfg.clone()
+    out.defrost()
+    out.DATASETS.TRAIN = (name,)
+    out.DATASETS.TEST = ()  # no evaluation at the end of a fold's training
+    out.OUTPUT_DIR = fold_dir
+    out.freeze()
+    return out
+
+
+def _train_fold(cfg, fold, weights):
+    """Train fold model `fold` unless its model_final.pth exists (resuming an
+    interrupted run); the same result whether or not earlier folds were skipped."""
+    from .trainer import Trainer
+
+    if os.path.isfile(weights):
+        logger.info("Fold %d: %s exists, not trained again", fold, weights)
+        return
+    logger.info("Fold %d: training CPRNet on %s into %s", fold, cfg.DATASETS.TRAIN[0],
+                cfg.OUTPUT_DIR)
+    if comm.is_main_process():
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(cfg.dump())
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + fold)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=True)
+    trainer.train()
+
+
+def crossfit_refine(cfg, dataset_name, source_json, image_root, folds, work_dir):
+    """Train `folds` CPRNets (cfg's training settings, each on every fold but its own)
+    and refine every annotation of `dataset_name` (loaded from `source_json` with images
+    under `image_root`) with the model of its image's fold: combine_fold_rows's rows,
+    gathered on the main process ({} on the others)."""
+    from .trainer import Trainer
+
+    data = read_json(source_json, "point json")
+    assignment = image_folds(data.get("images", []), folds, source_json)
+    _check_work_dir(work_dir, _fold_settings(cfg, source_json, assignment))
+    rows_per_model = []
+    for k in range(folds):
+        fold_dir = os.path.join(work_dir, f"fold_{k}")
+        train_file = os.path.join(fold_dir, "train.json")
+        if comm.is_main_process() and not os.path.isfile(train_file):
+            write_json_atomic(fold_json(data, assignment, k), train_file)
+        comm.synchronize()
+        name = f"{dataset_name}_fold{k}of{folds}"
+        register_point_coco(name, train_file, image_root)
+        try:
+            fold_cfg = _fold_cfg(cfg, name, fold_dir)
+            weights = os.path.join(fold_dir, "model_final.pth")
+            _train_fold(fold_cfg, k, weights)
+            comm.synchronize()
+            model = Trainer.build_model(fold_cfg)
+            load_inference_weights(model, weights)
+            logger.info("Fold %d: refining %s with %s", k, dataset_name, weights)
+            rows_per_model.append(refine_dataset(fold_cfg, model, dataset_name))
+            del model
+        finally:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+    if not comm.is_main_process():
+        return {}
+    image_of = {a["id"]: a.get("image_id") for a in data.get("annotations", []) if "id" in a}
+    return combine_fold_rows(rows_per_model, assignment, image_of)

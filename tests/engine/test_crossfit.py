@@ -1,0 +1,164 @@
+"""Cross-fitted refinement (refine_export --folds K): the fold split, each image refined
+by a model whose training set excludes it, the disagreement between fold models, a
+rerun that reuses the fold models, and --folds 1 as before."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cpr_d2.data import dataset_files
+from cpr_d2.engine.crossfit import combine_fold_rows, fold_json, image_folds
+from tests.tool_loader import load_tool
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = "configs/forest/cpr_R18_s8_r2.yaml"
+FAST = ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",
+        "DATALOADER.NUM_WORKERS", "0", "SOLVER.CHECKPOINT_PERIOD", "100",
+        "SOLVER.IMS_PER_BATCH", "2"]
+
+
+def images(n, start=0):
+    return [{"id": 100 + k, "file_name": f"tile_{k}.png"} for k in range(start, start + n)]
+
+
+def test_folds_are_balanced_and_do_not_depend_on_the_json_order():
+    ims = images(11)
+    folds = image_folds(ims, 3)
+    assert sorted(folds) == [im["id"] for im in ims]
+    sizes = sorted(list(folds.values()).count(k) for k in range(3))
+    assert sizes == [3, 4, 4]
+    assert image_folds(ims[::-1], 3) == folds
+    assert set(image_folds(ims, 1).values()) == {0}
+
+
+def test_too_few_images_for_the_folds_says_how_many():
+    with pytest.raises(ValueError, match=r"points.json: --folds 3 needs at least 3 images.*has "
+                                         r"2; use --folds 2 or fewer"):
+        image_folds(images(2), 3, "points.json")
+    with pytest.raises(ValueError, match="whole number >= 1"):
+        image_folds(images(2), 0)
+
+
+def test_a_fold_json_holds_every_other_fold():
+    data = {"images": images(4), "categories": [{"id": 1, "name": "tree"}],
+            "annotations": [{"id": k, "image_id": 100 + k % 4, "point": [1, 2]} for k in range(8)]}
+    folds = image_folds(data["images"], 2)
+    for k in range(2):
+        out = fold_json(data, folds, k)
+        assert {im["id"] for im in out["images"]} == {i for i, f in folds.items() if f != k}
+        assert {a["image_id"] for a in out["annotations"]} == {im["id"] for im in out["images"]}
+        assert len(out["annotations"]) == 4 and out["categories"] == data["categories"]
+    assert len(data["images"]) == 4  # the input is not modified
+
+
+def test_each_object_takes_its_own_folds_model_and_the_others_distance():
+    folds = {1: 0, 2: 1}
+    image_of = {10: 1, 11: 2, 12: 2}
+    row = {"score": 0.5, "coarse_point": [0.0, 0.0], "refined": True}
+    rows = [
+        {10: {**row, "point": [3.0, 4.0]}, 11: {**row, "point": [9.0, 9.0]},
+         12: {**row, "point": [1.0, 1.0]}},
+        {10: {**row, "point": [0.0, 0.0]}, 11: {**row, "point": [9.0, 1.0]}},  # 12 not refined
+    ]
+    out = combine_fold_rows(rows, folds, image_of)
+    assert set(out) == {10, 11}  # fold 1's model did not refine object 12
+    assert out[10]["point"] == [3.0, 4.0] and out[10]["fold"] == 0
+    assert out[10]["disagreement"] == pytest.approx(5.0)
+    assert out[11]["point"] == [9.0, 1.0] and out[11]["fold"] == 1
+    assert out[11]["disagreement"] == pytest.approx(8.0)
+
+
+def small_json(path, count=4):
+    json_file, root = dataset_files("forest")
+    with open(json_file) as f:
+        data = json.load(f)
+    keep = {im["id"] for im in data["images"][:count]}
+    data["images"] = [im for im in data["images"] if im["id"] in keep]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    path.write_text(json.dumps(data))
+    return str(path), root, data
+
+
+def run_refine(tmp_path, source, root, output, folds, *extra):
+    tool = load_tool("refine_export")
+    args = tool.parse_args(["--config-file", CONFIG, "--json", source, "--image-root", root,
+                            "--output", str(output), "--folds", str(folds),
+                            "OUTPUT_DIR", str(tmp_path / "run"), *FAST, *extra])
+    return tool.main(args)
+
+
+def test_refine_export_cross_fits_and_reuses_its_fold_models(tmp_path, capsys):
+    source, root, data = small_json(tmp_path / "points.json")
+    output = tmp_path / "refined.json"
+    rows = run_refine(tmp_path, source, root, output, 2)
+    work = tmp_path / "run" / "refine_export" / "crossfit_2"
+    fold_of = {}
+    for k in range(2):
+        assert (work / f"fold_{k}" / "model_final.pth").is_file()
+        trained_on = {im["file_name"] for im in
+                      json.loads((work / f"fold_{k}" / "train.json").read_text())["images"]}
+        assert trained_on and len(trained_on) == 2
+        fold_of.update({im["file_name"]: k for im in data["images"]
+                        if im["file_name"] not in trained_on})
+    assert sorted(fold_of) == sorted(im["file_name"] for im in data["images"])
+    file_of = {im["id"]: im["file_name"] for im in data["images"]}
+    out = json.loads(output.read_text())
+    refined = [a for a in out["annotations"] if "refine_fold" in a]
+    assert len(refined) == len(rows) == sum(1 for a in data["annotations"] if not a["iscrowd"])
+    for ann in refined:
+        # Refined by the model whose training set excludes the annotation's image.
+        assert ann["refine_fold"] == fold_of[file_of[ann["image_id"]]]
+        assert ann["refine_disagreement"] >= 0
+        assert rows[ann["id"]]["point"] == ann["point"]
+    assert "refined" in capsys.readouterr().out
+
+    # A rerun trains nothing: the fold models are reused.
+    stamps = [os.path.getmtime(work / f"fold_{k}" / "model_final.pth") for k in range(2)]
+    again = run_refine(tmp_path, source, root, tmp_path / "again.json", 2)
+    assert [os.path.getmtime(work / f"fold_{k}" / "model_final.pth") for k in range(2)] == stamps
+    assert json.loads((tmp_path / "again.json").read_text()) == out and again == rows
+
+    # Other training settings in the same folder are refused, not mixed.
+    with pytest.raises(ValueError, match=r"crossfit_2 holds fold models trained with other "
+                                         r"settings \(max_iter differ\)"):
+        run_refine(tmp_path, source, root, tmp_path / "third.json", 2, "SOLVER.MAX_ITER", "3")
+    assert not (tmp_path / "third.json").exists()
+
+
+def test_one_fold_refines_with_the_given_model_as_before(tmp_path):
+    source, root, _ = small_json(tmp_path / "points.json", count=2)
+    train_net = load_tool("train_net")
+    train_net.main(train_net.argument_parser().parse_args(
+        ["--config-file", CONFIG, "OUTPUT_DIR", str(tmp_path / "model"), *FAST,
+         "DATASETS.TEST", "()"]))
+    weights = ["MODEL.WEIGHTS", str(tmp_path / "model" / "model_final.pth")]
+    tool = load_tool("refine_export")
+    common = ["--config-file", CONFIG, "--json", source, "--image-root", root]
+    opts = ["OUTPUT_DIR", str(tmp_path / "run"), *FAST, *weights]
+    tool.main(tool.parse_args([*common, "--output", str(tmp_path / "plain.json"), *opts]))
+    tool.main(tool.parse_args([*common, "--output", str(tmp_path / "one.json"), "--folds", "1",
+                               *opts]))
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    assert json.loads((tmp_path / "one.json").read_text()) == plain
+    assert not any("refine_fold" in a for a in plain["annotations"])
+    assert not (tmp_path / "run" / "refine_export" / "crossfit_1").exists()
+
+
+def test_two_processes_train_the_folds_and_write_one_json(tmp_path):
+    """Under launch (2 gloo processes) the fold jsons are written once, both processes
+    train each fold model together and the main process writes the json."""
+    source, root, data = small_json(tmp_path / "points.json")
+    output = tmp_path / "refined.json"
+    subprocess.run(
+        [sys.executable, "tools/refine_export.py", "--config-file", CONFIG, "--json", source,
+         "--image-root", root, "--output", str(output), "--folds", "2", "--num-gpus", "0",
+         "--num-workers", "2", "--dist-url", "auto", "OUTPUT_DIR", str(tmp_path / "run"), *FAST],
+        cwd=ROOT, check=True, env=os.environ.copy(), timeout=900)
+    work = tmp_path / "run" / "refine_export" / "crossfit_2"
+    assert all((work / f"fold_{k}" / "model_final.pth").is_file() for k in range(2))
+    refined = [a for a in json.loads(output.read_text())["annotations"] if "refine_fold" in a]
+    assert len(refined) == sum(1 for a in data["annotations"] if not a["iscrowd"])
+    assert {a["refine_fold"] for a in refined} == {0, 1}
