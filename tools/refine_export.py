@@ -21,6 +21,18 @@ it. The fold models go to OUTPUT_DIR/refine_export/crossfit_<K>/fold_<k>/ (a rer
 skips those already trained); each annotation also gets `refine_fold` and
 `refine_disagreement`, the distance in pixels from its point to the other fold
 models' points. --folds 1 (the default) refines with the one model MODEL.WEIGHTS.
+
+A trust report that needs no true boxes is printed and written beside the json
+(refined.json -> refined.trust.json): per range of the object size estimated from the
+kept points, how many points moved, how far, how much the fold models disagree, and
+how many are unreliable. With --folds >= 2 a point is unreliable when models trained
+on different images disagree about it by more than the refinement moved it; each
+annotation then gets `refine_reliability` and `refine_reliable`, and
+--keep-unreliable coarse (the default) keeps the coarse point of the unreliable ones
+(the refined point stays as `refine_point`), --keep-unreliable refined writes every
+refined point. With one model the json is as before and the report only measures the
+moves. The report ends with a warning when the refinement looks unreliable.
+
 Several processes share the images: --num-gpus N (CUDA, NCCL) or --num-gpus 0
 --num-workers N (CPU, gloo); the main process writes the json.
 """
@@ -42,7 +54,13 @@ def parse_args(argv=None):
     parser.add_argument("--folds", type=int, default=1,
                         help="cross-fit over K image folds: train K CPRNets and refine each "
                              "image with the one that never saw it (default 1: MODEL.WEIGHTS)")
+    parser.add_argument("--keep-unreliable", choices=("coarse", "refined"), default=None,
+                        help="for points the fold models disagree on (--folds >= 2): keep the "
+                             "coarse point (the default) or write the refined one")
     args = parser.parse_args(argv)
+    if args.keep_unreliable and args.folds < 2:
+        parser.error("--keep-unreliable needs --folds 2 or more: a point's reliability is the "
+                     "agreement of fold models trained on different images")
     if args.json and not args.image_root:
         parser.error("--json needs --image-root")
     if args.folds < 1:
@@ -57,12 +75,16 @@ def main(args):
 
     from cpr_d2.data import dataset_files, register_point_coco
     from cpr_d2.engine import Trainer, load_inference_weights, setup_cfg
-    from cpr_d2.engine.crossfit import crossfit_refine
+    from cpr_d2.engine.crossfit import crossfit_refine, image_folds, training_objects
+    from cpr_d2.engine.trust import apply_safe_mode, format_trust_report, trust_report
+    from cpr_d2.utils.io import write_json_atomic
     from cpr_d2.engine.refine import check_refined_output, export_refined, refine_dataset
     from cpr_d2.evaluation.semantic_variance import compare_point_jsons, format_comparison
 
     # Before any work: a refinement whose json cannot be written is lost.
     check_refined_output(args.output, args.json)
+    report_file = trust_report_path(args.output)
+    check_refined_output(report_file, args.json, flag=TRUST_FLAG)
     name = args.dataset
     if args.json:
         # The same name in every process (the fold models' datasets derive from it).
@@ -81,6 +103,7 @@ def main(args):
         else:  # registered by now (DATASETS.POINT_JSONS too)
             source_json, image_root = dataset_files(name)
             check_refined_output(args.output, source_json)
+            check_refined_output(report_file, source_json, flag=TRUST_FLAG)
         if args.folds > 1:
             refined = crossfit_refine(cfg, name, source_json, image_root, args.folds,
                                       os.path.join(cfg.OUTPUT_DIR, f"crossfit_{args.folds}"))
@@ -94,6 +117,9 @@ def main(args):
             MetadataCatalog.remove(name)
     if not comm.is_main_process():
         return None
+    keep = args.keep_unreliable or "coarse"
+    if args.folds > 1:  # one model: no reliability, the json as without the report
+        refined = apply_safe_mode(refined, keep)
     source, data, count = export_refined(source_json, refined, args.output)
     moved = sum(r["refined"] for r in refined.values())
     print(f"refined {count} of {len(source.get('annotations', []))} annotations "
@@ -102,7 +128,23 @@ def main(args):
         print(format_comparison(compare_point_jsons(source, data), names=("coarse", "refined")))
     except ValueError as e:  # no true boxes: nothing to compare
         print(f"semantic variance not measured: {e}")
+    trained = None
+    if args.folds > 1:
+        trained = training_objects(source, image_folds(source.get("images", []), args.folds))
+    report = trust_report(refined, args.folds, trained, keep if args.folds > 1 else None)
+    write_json_atomic(report, report_file, indent=1)
+    # Last, so that the warnings are what the user reads when the tool ends.
+    print(format_trust_report(report))
+    print(f"wrote the trust report {report_file}")
     return refined
+
+
+TRUST_FLAG = "the trust report beside --output,"
+
+
+def trust_report_path(output):
+    """refined.json -> refined.trust.json, beside the refined json."""
+    return os.path.splitext(output)[0] + ".trust.json"
 
 
 if __name__ == "__main__":

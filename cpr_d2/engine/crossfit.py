@@ -29,7 +29,8 @@ from cpr_d2.utils.io import write_json_atomic
 from .checkpoint import load_inference_weights
 from .refine import refine_dataset
 
-__all__ = ["combine_fold_rows", "crossfit_refine", "fold_json", "image_folds"]
+__all__ = ["combine_fold_rows", "crossfit_refine", "fold_json", "image_folds",
+           "training_objects"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,23 @@ def fold_json(data, folds, fold):
     out["images"] = [im for im in data.get("images", []) if folds[im["id"]] != fold]
     keep = {im["id"] for im in out["images"]}
     out["annotations"] = [a for a in data.get("annotations", []) if a.get("image_id") in keep]
+    return out
+
+
+def training_objects(data, folds):
+    """{fold model k: {category id: objects}}: the annotations each fold model trains on
+    (those of the images of every fold but k; crowd objects not counted), from the point
+    json `data` and {image id: fold} `folds`."""
+    count = max(folds.values()) + 1 if folds else 0
+    out = {k: {} for k in range(count)}
+    for ann in data.get("annotations", []):
+        image_fold = folds.get(ann.get("image_id"))
+        if image_fold is None or ann.get("iscrowd") in (1, True):
+            continue
+        for k in range(count):
+            if k != image_fold:
+                per_class = out[k]
+                per_class[ann.get("category_id")] = per_class.get(ann.get("category_id"), 0) + 1
     return out
 
 

@@ -20,8 +20,10 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def refine_dataset(cfg, model, dataset_name, progress=True):
-    """{annotation id: {"point", "score", "coarse_point", "refined"}} for every object
-    CPRNet saw (crowd objects and points off their image are not refined).
+    """{annotation id: {"point", "score", "coarse_point", "refined", "num_kept", "size"}}
+    for every object CPRNet saw (crowd objects and points off their image are not
+    refined); "size" is the object's size estimated from its kept points (pixels, 0
+    when none is kept).
 
     Runs on this process's share of the dataset and gathers all shares on the
     main process (other processes get {}).
@@ -50,6 +52,8 @@ def refine_dataset(cfg, model, dataset_name, progress=True):
                             "score": float(inst.scores[k]),
                             "coarse_point": inst.coarse_points[k].tolist(),
                             "refined": bool(inst.refined[k]),
+                            "num_kept": int(inst.num_kept[k]),
+                            "size": float(inst.est_sizes[k]),
                         }
         finally:
             model.train(was_training)
@@ -65,7 +69,9 @@ def refined_json(source, refined):
     """A copy of the point json `source` (a dict) whose annotations, matched by id, have
     `point` replaced by the refined point, plus `coarse_point` (the point it replaced)
     and `refine_score`; cross-fitted rows add `refine_fold` and `refine_disagreement`
-    (pixels). Every other field is kept; annotations without a refinement are left as
+    (pixels), rows of cpr_d2.engine.trust.apply_safe_mode `refine_reliability`,
+    `refine_reliable` and `refine_size` (the size estimated from the kept points), and where safe mode kept the coarse point, `point` stays the
+    coarse point and `refine_point` holds the refined one. Every other field is kept; annotations without a refinement are left as
     they are. Returns (json dict, number of annotations refined)."""
     out = copy.deepcopy(source)
     count = 0
@@ -74,21 +80,27 @@ def refined_json(source, refined):
         if row is None:
             continue
         ann["coarse_point"] = ann["point"] if "point" in ann else row["coarse_point"]
-        ann["point"] = row["point"]
+        ann["point"] = ann["coarse_point"] if row.get("kept_coarse") else row["point"]
         ann["refine_score"] = row["score"]
         if "fold" in row:  # cross-fitted (cpr_d2.engine.crossfit)
             ann["refine_fold"] = row["fold"]
             ann["refine_disagreement"] = row["disagreement"]
+        if "reliability" in row:  # cpr_d2.engine.trust
+            ann["refine_reliability"] = row["reliability"]
+            ann["refine_reliable"] = row["reliable"]
+            ann["refine_size"] = row.get("size")
+        if row.get("kept_coarse"):
+            ann["refine_point"] = row["refine_point"]
         count += 1
     return out, count
 
 
-def check_refined_output(output, source_json=None):
+def check_refined_output(output, source_json=None, flag="--output"):
     """Raise a ValueError naming --output and the fix unless the refined json can be
     written there (cpr_d2.utils.io.check_output_file): not a folder, not `source_json`
     (the input), in a folder this user can create files in. Nothing is created."""
     check_output_file(
-        output, what="json", example="refined.json", inputs=[source_json] if source_json else [],
+        output, flag=flag, what="json", example="refined.json", inputs=[source_json] if source_json else [],
         inputs_are=f"the input json {source_json}",
         inputs_fix="write the refined points to a new file (the output keeps every field of "
                    "the input, the coarse points included)")

@@ -87,8 +87,9 @@ class CPRNet(nn.Module):
     Inference returns, for every image, {"instances": Instances} in the
     original image's pixels, one row per input object: pred_points (refined),
     scores (mean kept bag score, 0 when none), pred_classes, coarse_points,
-    num_kept, refined (bool: False where the annotated point stayed) and
-    gt_ann_index; with return_bag_scores also bag_points (N, P, 2) and
+    num_kept, refined (bool: False where the annotated point stayed), est_sizes
+    (each object's size estimated from the extent of its kept points, kept_size; 0
+    where none is kept) and gt_ann_index; with return_bag_scores also bag_points (N, P, 2) and
     bag_scores (N, P) (the last stage's bag); with adaptive regions also
     regions (N,) and region_centres (N, 2), each object's last sampling disc.
     """
@@ -328,9 +329,14 @@ class CPRNet(nn.Module):
             lambda c, v, p, pt, lab: refine_points(c, v, p, pt, lab, self.refine_score_thresh,
                                                    self.refine_relative_thresh),
             counts, bag_coords, valid, bag_prob, points, labels)
+        keep, _ = _per_image(
+            lambda c, v, p, pt, lab: refine_keep(c, v, p, pt, lab, self.refine_score_thresh,
+                                                 self.refine_relative_thresh),
+            counts, bag_coords, valid, bag_prob, points, labels)
+        sizes = kept_size(bag_coords.double(), keep, self.refine_ring_spacing)
         scores = bag_prob.gather(2, labels.view(-1, 1, 1).expand(-1, bag_coords.shape[1], 1))
         return self._results(batched_inputs, image_sizes, points, labels, counts, targets,
-                             *refined, bag_coords, scores.squeeze(2))
+                             *refined, bag_coords, scores.squeeze(2), sizes=sizes)
 
     @torch.no_grad()
     def refine_adaptive(self, batched_inputs, image_sizes, cls_map, points, labels, counts,
@@ -345,14 +351,18 @@ class CPRNet(nn.Module):
             trust = torch.minimum(trust, fraction * stages[0]["neighbour"])
         refined = limit_move(last["point"], points, trust)
         moved = (refined != points).any(dim=1)
+        step = last["region"] / self.adaptive["rings"] if last["region"] is not None else \
+            self.refine_ring_spacing
+        sizes = kept_size(last["coords"].double(), last["keep"], step)
         return self._results(batched_inputs, image_sizes, points, labels, counts, targets,
                              refined, last["score"], last["num_kept"], moved, last["coords"],
-                             last["prob"], regions=(last["centre"], last["region"]))
+                             last["prob"], regions=(last["centre"], last["region"]), sizes=sizes)
 
     def _results(self, batched_inputs, image_sizes, points, labels, counts, targets, refined,
-                 score, num_kept, moved, bag_coords, bag_scores, regions=None):
+                 score, num_kept, moved, bag_coords, bag_scores, regions=None, sizes=None):
         """Per image {"instances": ...} in the original image's pixels (class doc).
-        regions: None, or (centres (N, 2), radii (N,)) of the adaptive sampling discs."""
+        regions: None, or (centres (N, 2), radii (N,)) of the adaptive sampling discs;
+        sizes: (N,) each object's size estimated from its kept points (kept_size)."""
         results = []
         start = 0
         for b, (inp, n) in enumerate(zip(batched_inputs, counts)):
@@ -366,6 +376,8 @@ class CPRNet(nn.Module):
             inst.pred_classes = labels[rows]
             inst.num_kept = num_kept[rows]
             inst.refined = moved[rows]
+            if sizes is not None:
+                inst.est_sizes = sizes[rows].to(points.dtype) * scale.mean()
             if regions is not None:
                 inst.region_centres = rescale_points(regions[0][rows], scale)
                 # A radius in original pixels: the mean of the two axes' scales.

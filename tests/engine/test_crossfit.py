@@ -112,8 +112,21 @@ def test_refine_export_cross_fits_and_reuses_its_fold_models(tmp_path, capsys):
         # Refined by the model whose training set excludes the annotation's image.
         assert ann["refine_fold"] == fold_of[file_of[ann["image_id"]]]
         assert ann["refine_disagreement"] >= 0
-        assert rows[ann["id"]]["point"] == ann["point"]
-    assert "refined" in capsys.readouterr().out
+        row = rows[ann["id"]]
+        if row.get("kept_coarse"):  # safe mode: the coarse point stays, the refined beside
+            assert ann["point"] == ann["coarse_point"] and ann["refine_point"] == row["refine_point"]
+            assert ann["refine_reliable"] is False
+        else:
+            assert row["point"] == ann["point"] and "refine_point" not in ann
+        assert ann["refine_reliable"] == (ann["refine_reliability"] >= 0.5)
+    trust = json.loads((tmp_path / "refined.trust.json").read_text())
+    assert trust["folds"] == 2 and trust["objects"] == len(refined)
+    assert trust["kept coarse"] == sum("refine_point" in a for a in refined)
+    printed = capsys.readouterr().out
+    assert "refined" in printed and "trust in the refinement" in printed
+    # Two tiles per fold model: far too few objects, and the tool says so last.
+    assert trust["fewest training objects"] < 200
+    assert "WARNING: too little data: fold model" in printed
 
     # A rerun trains nothing: the fold models are reused.
     stamps = [os.path.getmtime(work / f"fold_{k}" / "model_final.pth") for k in range(2)]

@@ -224,3 +224,31 @@ def test_moves_stay_within_a_fraction_of_the_nearest_neighbour():
     assert (moved <= torch.minimum(0.1 * nn, inst.regions) + 1e-4).all()
     # Objects 0 and 2 (class 0) are 10.8 px apart: at most 1.08 px each.
     assert moved[0] <= 1.08 + 1e-4 and moved[2] <= 1.08 + 1e-4
+
+
+# ---- the size each refinement estimates (the trust report's size ranges) -----------------
+
+def test_refinement_estimates_each_objects_size_from_its_kept_points():
+    # A small blob (radius 6 px) and a large one (radius 14 px), sampled every 2 px out
+    # to 32 px; both refinements (paper and adaptive) report a size near the diameter
+    # (the kept cells of a stride-8 map, read bilinearly, fall short of the large rim).
+    blobs = [(40.0, 40.0, 6.0), (150.0, 60.0, 14.0)]
+    points = torch.tensor([[x + 1.0, y - 1.0] for x, y, _ in blobs])
+
+    def sample():
+        inst = Instances((224, 224))
+        inst.gt_points = points.clone()
+        inst.gt_classes = torch.zeros(2, dtype=torch.long)
+        inst.gt_ann_index = torch.arange(2)
+        return {"image": torch.zeros(3, 224, 224, dtype=torch.uint8), "instances": inst,
+                "height": 448, "width": 448}  # original pixels: twice the input's
+
+    for adaptive in (False, True):
+        model = cprnet(adaptive=adaptive, radius=4, num_classes=1, refine_step=0.25).eval()
+        model.head.forward = lambda features: (disc_logits(28, 28, 8.0, blobs),
+                                               torch.zeros(1, 1, 28, 28))
+        with torch.no_grad():
+            inst = model([sample()])[0]["instances"]
+        small, large = (inst.est_sizes / 2).tolist()  # back to input pixels
+        print(f"adaptive={adaptive}: estimated sizes {small:.1f} and {large:.1f} px")
+        assert 10.0 <= small <= 16.0 and 21.0 <= large <= 32.0 and large > 1.6 * small

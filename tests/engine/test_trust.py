@@ -1,0 +1,157 @@
+"""The trust report (cpr_d2.engine.trust): reliability from the fold models' agreement,
+safe mode, the report's size ranges and its dataset-level warnings."""
+import random
+
+import pytest
+
+from cpr_d2.engine.crossfit import combine_fold_rows, training_objects
+from cpr_d2.engine.refine import refined_json
+from cpr_d2.engine.trust import (MIN_TRAIN_OBJECTS, apply_safe_mode, format_trust_report,
+                                 object_reliability, trust_report)
+
+
+def fold_rows(points_unseen, points_seen, coarse=(20.0, 20.0), size=30.0):
+    """Two fold models' rows for one object on an image of fold 0: model 0 never saw the
+    image, model 1 trained on it."""
+    row = {"score": 0.5, "coarse_point": list(coarse), "refined": True, "num_kept": 9,
+           "size": size}
+    rows = [{7: {**row, "point": list(points_unseen)}}, {7: {**row, "point": list(points_seen)}}]
+    return combine_fold_rows(rows, {1: 0}, {7: 1})
+
+
+def test_models_that_agree_on_a_centre_give_high_reliability_and_disagreeing_ones_low():
+    agree = fold_rows((26.0, 28.0), (26.5, 28.0))  # a 10 px move, the models 0.5 px apart
+    disagree = fold_rows((26.0, 28.0), (14.0, 12.0))  # the seen model moved the other way
+    high = object_reliability(agree[7])
+    low = object_reliability(disagree[7])
+    assert high == pytest.approx(10.0 / 10.5)
+    assert low == pytest.approx(10.0 / 30.0)
+    rows = apply_safe_mode({1: agree[7], 2: disagree[7]})
+    assert rows[1]["reliable"] is True and rows[2]["reliable"] is False
+
+
+def test_unmoved_points_are_reliable_and_a_single_model_is_unknown():
+    still = {"point": [3.0, 4.0], "coarse_point": [3.0, 4.0], "refined": False}
+    assert object_reliability({**still, "disagreement": 9.0}) == 1.0
+    single = {"point": [5.0, 4.0], "coarse_point": [3.0, 4.0], "refined": True}
+    assert object_reliability(single) is None
+    out = apply_safe_mode({1: single})
+    assert out[1]["reliable"] is None and "kept_coarse" not in out[1]
+    assert out[1]["point"] == [5.0, 4.0]
+
+
+def random_rows(n, seed):
+    rng = random.Random(seed)
+    rows = {}
+    for k in range(n):
+        coarse = [rng.uniform(0, 100), rng.uniform(0, 100)]
+        moved = rng.random() < 0.8
+        point = [c + rng.uniform(-8, 8) for c in coarse] if moved else list(coarse)
+        rows[k] = {"point": point, "coarse_point": coarse, "refined": moved, "score": 0.3,
+                   "num_kept": rng.randint(0, 30), "size": rng.uniform(6, 60),
+                   "disagreement": rng.uniform(0, 10), "fold": k % 2}
+    return rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_safe_mode_keeps_exactly_the_unreliable_points(seed):
+    rows = random_rows(200, seed)
+    safe = apply_safe_mode(rows, "coarse")
+    unreliable = {k for k, r in safe.items() if r["reliable"] is False}
+    assert 0 < len(unreliable) < len(rows)
+    assert {k for k, r in safe.items() if r.get("kept_coarse")} == unreliable
+    for k, r in safe.items():
+        expected = rows[k]["coarse_point"] if k in unreliable else rows[k]["point"]
+        assert r["point"] == expected
+        if k in unreliable:
+            assert r["refine_point"] == rows[k]["point"] and r["refined"] is False
+    assert rows[0]["point"] == random_rows(200, seed)[0]["point"]  # the input is kept
+    # --keep-unreliable refined marks the same points and moves none of them back.
+    marked = apply_safe_mode(rows, "refined")
+    assert {k for k, r in marked.items() if r["reliable"] is False} == unreliable
+    assert all(r["point"] == rows[k]["point"] for k, r in marked.items())
+
+    # In the json: the coarse point stays, the refined one is kept beside it.
+    source = {"images": [], "annotations": [
+        {"id": k, "image_id": 1, "point": [round(c, 3) for c in r["coarse_point"]]}
+        for k, r in rows.items()]}
+    data, count = refined_json(source, safe)
+    assert count == len(rows)
+    for ann in data["annotations"]:
+        if ann["id"] in unreliable:
+            assert ann["point"] == ann["coarse_point"] == source["annotations"][ann["id"]]["point"]
+            assert ann["refine_point"] == rows[ann["id"]]["point"]
+            assert ann["refine_reliable"] is False
+        else:
+            assert ann["point"] == rows[ann["id"]]["point"] and "refine_point" not in ann
+            assert ann["refine_reliable"] is True
+
+    report = trust_report(safe, folds=2, keep_unreliable="coarse")
+    assert report["kept coarse"] == len(unreliable)
+    judged = [r for r in safe.values() if r.get("refine_point", r["point"]) != r["coarse_point"]]
+    assert report["unreliable share"] == pytest.approx(len(unreliable) / len(judged))
+
+
+def test_the_report_counts_per_estimated_size_and_objects_without_kept_points():
+    rows = {
+        1: {"point": [4.0, 0.0], "coarse_point": [0.0, 0.0], "size": 10.0, "num_kept": 3,
+            "disagreement": 1.0, "refined": True},
+        2: {"point": [0.0, 0.0], "coarse_point": [0.0, 0.0], "size": 0.0, "num_kept": 0,
+            "disagreement": 0.0, "refined": False},
+        3: {"point": [6.0, 8.0], "coarse_point": [0.0, 0.0], "size": 40.0, "num_kept": 20,
+            "disagreement": 20.0, "refined": True},
+    }
+    report = trust_report(apply_safe_mode(rows), folds=2)
+    by_name = {r["size range"]: r for r in report["ranges"]}
+    assert by_name["all"]["objects"] == 3 and by_name["all"]["moved"] == 2
+    assert by_name["<12 px"]["objects"] == 1 and by_name["<12 px"]["unreliable"] == 0
+    assert by_name[">=32 px"]["unreliable"] == 1
+    assert by_name[">=32 px"]["median move px"] == pytest.approx(10.0)  # from refine_point
+    assert by_name["no kept points"]["objects"] == 1
+    assert by_name["12-20 px"]["objects"] == 0 and by_name["12-20 px"]["unreliable %"] is None
+    assert report["kept coarse"] == 1 and report["unreliable share"] == pytest.approx(0.5)
+    assert report["warnings"] == []  # half unreliable: not more than half
+    text = format_trust_report(report)
+    assert "| no kept points |" in text and "1 unreliable objects kept their coarse point" in text
+    assert "no warning" in text
+
+
+def test_the_dataset_warning_fires_on_disagreement_and_on_too_little_data():
+    rows = random_rows(100, 0)
+    for r in rows.values():
+        r["disagreement"] = 3 * r["disagreement"] + 20.0  # far more than any move
+    report = trust_report(apply_safe_mode(rows), folds=2)
+    assert report["unreliable share"] > 0.9
+    assert len(report["warnings"]) == 1 and "looks unreliable" in report["warnings"][0]
+    assert "--keep-unreliable coarse" in report["warnings"][0]
+
+    agree = random_rows(100, 1)
+    for r in agree.values():
+        r["disagreement"] = 0.0
+    few = {0: {1: MIN_TRAIN_OBJECTS - 1}, 1: {1: 5 * MIN_TRAIN_OBJECTS}}
+    report = trust_report(apply_safe_mode(agree), folds=2, train_objects=few)
+    assert report["unreliable share"] == 0 and report["fewest training objects"] == 199
+    assert len(report["warnings"]) == 1
+    assert f"fold model 0 trained on only {MIN_TRAIN_OBJECTS - 1} objects of class 1" in \
+        report["warnings"][0]
+    enough = {0: {1: MIN_TRAIN_OBJECTS}, 1: {1: MIN_TRAIN_OBJECTS}}
+    assert trust_report(apply_safe_mode(agree), folds=2, train_objects=enough)["warnings"] == []
+    # One model: the report says how to measure the reliability.
+    single = trust_report(apply_safe_mode({k: {**r, "disagreement": None}
+                                           for k, r in agree.items()}), folds=1)
+    assert single["unreliable share"] is None and single["warnings"] == []
+    assert "--folds 2" in single["notes"][0]
+    assert "note: the reliability" in format_trust_report(single)
+
+
+def test_training_objects_count_the_other_folds_annotations():
+    data = {"annotations": [{"id": 1, "image_id": 10, "category_id": 3},
+                            {"id": 2, "image_id": 10, "category_id": 4},
+                            {"id": 3, "image_id": 11, "category_id": 3},
+                            {"id": 4, "image_id": 11, "category_id": 3, "iscrowd": 1}]}
+    assert training_objects(data, {10: 0, 11: 1}) == {0: {3: 1}, 1: {3: 1, 4: 1}}
+
+
+def test_a_bad_safe_mode_is_refused():
+    with pytest.raises(ValueError, match="--keep-unreliable must be one of coarse, refined"):
+        apply_safe_mode({}, "drop")
