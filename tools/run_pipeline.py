@@ -6,7 +6,8 @@ P2PNet on coarse, refined and true-centre points -> point AP on the test set -> 
         [--train-dataset forest] [--test-dataset forest_test]
         [--cpr-config configs/forest/cpr_R18_s8_r2.yaml] [--p2p-config configs/forest/p2p_R18_s8.yaml]
         [--cpr-iters N] [--p2p-iters N] [--iter-scale F] [--device cpu|cuda]
-        [--coarse-seed S] [--subset N] [--folds K] [--force STAGE ...]
+        [--coarse-seed S] [--subset N] [--folds K [--keep-unreliable coarse|refined]]
+        [--force STAGE ...]
 
 Stages (each a subprocess of tools/train_net.py or tools/refine_export.py, its output
 shown as it runs and kept in DIR/logs/):
@@ -67,7 +68,7 @@ _PROGRESS = re.compile(r"eta: |copypaste: |Error|error: |^refined \d+ of|WARNING
                        r"^\| |semantic variance|^\s*(all|<|>=)")
 QUICK_ITERS = {"cpr": 200, "p2p": 150}
 # The settings of a run directory written before the overrides were recorded.
-NO_OVERRIDES = {"opts": [], "cpr_opts": [], "p2p_opts": [], "folds": 1}
+NO_OVERRIDES = {"opts": [], "cpr_opts": [], "p2p_opts": [], "folds": 1, "keep_unreliable": None}
 FULL_ITERS = {"cpr": 1500, "p2p": 1200}
 
 
@@ -100,6 +101,10 @@ def build_parser():
                    help="cross-fitted refinement: train K CPRNets on K image folds and refine "
                         "each image with the one that never saw it (refine_export --folds; "
                         "default 1: the cpr stage's model refines)")
+    p.add_argument("--keep-unreliable", choices=("coarse", "refined"), default=None,
+                   help="with --folds K >= 2: keep the coarse point where the fold models "
+                        "disagree by more than the move (coarse, the default) or write every "
+                        "refined point (refine_export --keep-unreliable)")
     p.add_argument("--subset", type=int, default=None,
                    help="use only the first N images of the training and test sets")
     p.add_argument("--quick", action="store_true",
@@ -190,6 +195,9 @@ def parse_args(argv=None):
         p.error("--subset must be >= 1")
     if args.folds < 1:
         p.error(f"--folds must be >= 1, got {args.folds}")
+    if args.keep_unreliable and args.folds < 2:
+        p.error("--keep-unreliable needs --folds 2 or more: a point's reliability is the "
+                "agreement of fold models trained on different images")
     if args.seeds is not None:
         if args.seed is not None:
             p.error(f"--seed {args.seed} and --seeds {' '.join(map(str, args.seeds))} exclude each "
@@ -297,7 +305,9 @@ class Run:
             "point_jsons": [list(p) for p in args.point_json],
             "cpr_config": args.cpr_config, "p2p_config": args.p2p_config, "seed": args.seed,
             "coarse_seed": args.coarse_seed, "coarse_noise": args.coarse_noise,
-            "subset": args.subset, "folds": args.folds, "cpr_iters": self.cpr_iters,
+            "subset": args.subset, "folds": args.folds,
+            "keep_unreliable": (args.keep_unreliable or "coarse") if args.folds > 1 else None,
+            "cpr_iters": self.cpr_iters,
             "p2p_iters": self.p2p_iters,
             "device": args.device, "quick": args.quick,
             "opts": list(args.opts), "cpr_opts": [list(o) for o in args.cpr_opt],
@@ -454,7 +464,8 @@ class Run:
                self.args.cpr_config, "--dataset", "pipeline_coarse", "--output",
                self.path("refined.json")]
         if self.args.folds > 1:  # the fold models train with the cpr stage's schedule
-            cmd += ["--folds", str(self.args.folds), *self.schedule_opts(self.cpr_iters)]
+            cmd += ["--folds", str(self.args.folds), "--keep-unreliable",
+                    self.settings["keep_unreliable"], *self.schedule_opts(self.cpr_iters)]
         else:
             cmd += ["MODEL.WEIGHTS", self.path("cpr", "model_final.pth")]
         cmd += ["OUTPUT_DIR", self.path("cpr"), "MODEL.DEVICE", self.args.device,

@@ -135,9 +135,17 @@ def test_folds_make_the_refine_stage_train_its_fold_models(tmp_path):
     # The fold models train with the cpr stage's schedule and seed.
     assert cmd[cmd.index("SOLVER.MAX_ITER") + 1] == "2" and cmd[cmd.index("SEED") + 1] == "0"
     assert run.settings["folds"] == 3
+    assert cmd[cmd.index("--keep-unreliable") + 1] == "coarse"  # safe mode by default
+    assert run.settings["keep_unreliable"] == "coarse"
+    _, every = refine_command(tmp_path / "every", "--folds", "2", "--keep-unreliable", "refined")
+    assert every[every.index("--keep-unreliable") + 1] == "refined"
+    with pytest.raises(SystemExit):
+        load_tool("run_pipeline").parse_args(["--output", str(tmp_path / "x"), *ARGS,
+                                              "--keep-unreliable", "coarse"])
     assert run.crossfit_dir() == str(tmp_path / "cpr" / "refine_export" / "crossfit_3")
     _, plain = refine_command(tmp_path / "one")
     assert "--folds" not in plain and "SOLVER.MAX_ITER" not in plain
+    assert "--keep-unreliable" not in plain
     assert plain[plain.index("MODEL.WEIGHTS") + 1] == str(tmp_path / "one" / "cpr" /
                                                           "model_final.pth")
 
