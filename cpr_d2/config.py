@@ -170,6 +170,10 @@ def _add_cpr_adaptive_keys(cfg):
     # Refinement moves a point at most this fraction of the distance to the nearest other
     # annotated point of its class (and never beyond its region); 0 = the region only.
     cfg.MODEL.CPR.ADAPTIVE.MOVE_NEIGHBOUR_FRACTION = 0.0
+    # Refinement moves each point this fraction of the way from the annotated point to
+    # the (limited) refined point, in (0, 1]; 1 = all the way. A refinement-only key: a
+    # trained model can refine again with another value (docs/cprnet.md, "Partial moves").
+    cfg.MODEL.CPR.ADAPTIVE.MOVE_FRACTION = 1.0
 
 
 def add_p2pnet_config(cfg):

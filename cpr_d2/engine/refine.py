@@ -70,9 +70,10 @@ def refined_json(source, refined):
     `point` replaced by the refined point, plus `coarse_point` (the point it replaced)
     and `refine_score`; cross-fitted rows add `refine_fold` and `refine_disagreement`
     (pixels), rows of cpr_d2.engine.trust.apply_safe_mode `refine_reliability`,
-    `refine_reliable` and `refine_size` (the size estimated from the kept points), and where safe mode kept the coarse point, `point` stays the
-    coarse point and `refine_point` holds the refined one. Every other field is kept; annotations without a refinement are left as
-    they are. Returns (json dict, number of annotations refined)."""
+    `refine_reliable` and `refine_size` (the size estimated from the kept points). Where
+    safe mode kept the coarse point, `point` stays the coarse point and `refine_point`
+    holds the refined one. Every other field is kept; annotations without a refinement
+    are left as they are. Returns (json dict, number of annotations refined)."""
     out = copy.deepcopy(source)
     count = 0
     for ann in out.get("annotations", []):

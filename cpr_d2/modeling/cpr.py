@@ -100,7 +100,8 @@ class CPRNet(nn.Module):
                  refine_score_thresh=0.1, refine_relative_thresh=0.5, refine_ring_step=1.0,
                  return_bag_scores=False, adaptive=None, pixel_mean, pixel_std):
         """adaptive: None (the paper's CPR) or a dict with stages, rings, alpha, min_radius
-        and max_radius (pixels) and neighbour_fraction (see MODEL.CPR.ADAPTIVE)."""
+        and max_radius (pixels) and neighbour_fraction, optionally variance_weight,
+        move_neighbour_fraction and move_fraction (see MODEL.CPR.ADAPTIVE)."""
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -342,7 +343,8 @@ class CPRNet(nn.Module):
     def refine_adaptive(self, batched_inputs, image_sizes, cls_map, points, labels, counts,
                         batch_idx, padded_sizes, targets):
         """Refinement with adaptive regions: the last stage's point, moved back towards the
-        annotated point where it would end further than its region."""
+        annotated point where it would end further than its region (or the neighbour
+        bound), then MOVE_FRACTION of the way there from the annotated point."""
         stages = self.cascade(cls_map, points, labels, counts, batch_idx, padded_sizes)
         last = stages[-1]
         trust = last["region"]
@@ -350,6 +352,8 @@ class CPRNet(nn.Module):
         if fraction > 0:
             trust = torch.minimum(trust, fraction * stages[0]["neighbour"])
         refined = limit_move(last["point"], points, trust)
+        if self.adaptive["move_fraction"] < 1:
+            refined = points + self.adaptive["move_fraction"] * (refined - points)
         moved = (refined != points).any(dim=1)
         step = last["region"] / self.adaptive["rings"] if last["region"] is not None else \
             self.refine_ring_spacing
@@ -420,6 +424,9 @@ def _check_adaptive(adaptive):
                         f"{a.get('min_radius')!r} and {a.get('max_radius')!r} pixels")
     a.setdefault("variance_weight", 0.0)
     a.setdefault("move_neighbour_fraction", 0.0)
+    a.setdefault("move_fraction", 1.0)
+    if not 0 < a["move_fraction"] <= 1:
+        problems.append(f"MOVE_FRACTION must be in (0, 1], got {a['move_fraction']!r}")
     if not a["move_neighbour_fraction"] >= 0:
         problems.append("MOVE_NEIGHBOUR_FRACTION must be >= 0, got "
                         f"{a['move_neighbour_fraction']!r}")
@@ -442,4 +449,5 @@ def _adaptive_from_config(c, stride):
             "max_radius": float(a.MAX_RADIUS or c.RADIUS) * stride,
             "neighbour_fraction": float(a.NEIGHBOUR_FRACTION),
             "variance_weight": float(a.VARIANCE_WEIGHT),
-            "move_neighbour_fraction": float(a.MOVE_NEIGHBOUR_FRACTION)}
+            "move_neighbour_fraction": float(a.MOVE_NEIGHBOUR_FRACTION),
+            "move_fraction": float(a.MOVE_FRACTION)}

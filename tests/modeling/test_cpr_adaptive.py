@@ -69,7 +69,8 @@ def test_switched_off_the_losses_and_refined_points_are_the_papers():
 
 
 @pytest.mark.parametrize("key,value", [("STAGES", 1), ("RINGS", 0), ("ALPHA", 0.0),
-                                       ("MIN_RADIUS", 3.0), ("NEIGHBOUR_FRACTION", -1.0)])
+                                       ("MIN_RADIUS", 3.0), ("NEIGHBOUR_FRACTION", -1.0),
+                                       ("MOVE_FRACTION", 0.0), ("MOVE_FRACTION", 1.5)])
 def test_bad_adaptive_keys_fail_naming_the_key(key, value):
     with pytest.raises(ValueError, match=f"MODEL.CPR.ADAPTIVE: .*{key}"):
         cprnet(adaptive=True, **{key: value})  # MIN_RADIUS 3 > MAX_RADIUS (RADIUS 2)
@@ -224,6 +225,21 @@ def test_moves_stay_within_a_fraction_of_the_nearest_neighbour():
     assert (moved <= torch.minimum(0.1 * nn, inst.regions) + 1e-4).all()
     # Objects 0 and 2 (class 0) are 10.8 px apart: at most 1.08 px each.
     assert moved[0] <= 1.08 + 1e-4 and moved[2] <= 1.08 + 1e-4
+
+
+def test_move_fraction_moves_each_point_that_share_of_the_way():
+    # Refinement only: the same weights, refined all the way and 0.4 of the way.
+    data = batch()
+    with torch.no_grad():
+        full = cprnet(adaptive=True, MOVE_NEIGHBOUR_FRACTION=0.3).eval()(data)
+        part = cprnet(adaptive=True, MOVE_NEIGHBOUR_FRACTION=0.3, MOVE_FRACTION=0.4).eval()(data)
+    for f, p in zip(full, part):
+        f, p = f["instances"], p["instances"]
+        step = f.pred_points - f.coarse_points
+        assert step.norm(dim=1).max() > 1.0  # something moved
+        torch.testing.assert_close(p.pred_points, p.coarse_points + 0.4 * step)
+        assert p.refined.tolist() == f.refined.tolist()
+        torch.testing.assert_close(p.regions, f.regions)
 
 
 # ---- the size each refinement estimates (the trust report's size ranges) -----------------
