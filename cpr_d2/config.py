@@ -134,6 +134,11 @@ def _add_cpr_refine_keys(cfg):
     # paper); 0.5 or 0.25 sample the same disc of radius RADIUS x stride with rings
     # every half or quarter stride (R / step rings), a finer grid for small objects.
     cfg.MODEL.CPR.REFINE_RING_STEP = 1.0
+    # Refinement moves a point at most this fraction of the distance to the nearest
+    # other annotated point of its class (the rule of ADAPTIVE.MOVE_NEIGHBOUR_FRACTION,
+    # for the paper's bag); 0 = no limit (the paper). A refinement-only key
+    # (docs/cprnet.md, "A move limit for the paper's bag").
+    cfg.MODEL.CPR.REFINE_MOVE_NEIGHBOUR_FRACTION = 0.0
     # Inference also returns each object's bag coordinates and scores (for
     # visualisation); off by default, it is N x (4R(R+1)+1) values per image.
     cfg.MODEL.CPR.RETURN_BAG_SCORES = False

@@ -98,7 +98,8 @@ class CPRNet(nn.Module):
     def __init__(self, *, backbone, head, in_feature, stride, num_classes, radius,
                  focal_gamma=2.0, mil_weight=0.25, ann_weight=0.125, neg_weight=0.75,
                  refine_score_thresh=0.1, refine_relative_thresh=0.5, refine_ring_step=1.0,
-                 return_bag_scores=False, adaptive=None, pixel_mean, pixel_std):
+                 refine_move_neighbour_fraction=0.0, return_bag_scores=False, adaptive=None,
+                 pixel_mean, pixel_std):
         """adaptive: None (the paper's CPR) or a dict with stages, rings, alpha, min_radius
         and max_radius (pixels) and neighbour_fraction, optionally variance_weight,
         move_neighbour_fraction and move_fraction (see MODEL.CPR.ADAPTIVE)."""
@@ -120,8 +121,16 @@ class CPRNet(nn.Module):
                 f"({radius}) into whole rings, got {refine_ring_step}; e.g. 1.0, 0.5 or 0.25")
         self.refine_rings = int(round(rings))
         self.refine_ring_spacing = self.stride * refine_ring_step
+        if not refine_move_neighbour_fraction >= 0:
+            raise ValueError("MODEL.CPR.REFINE_MOVE_NEIGHBOUR_FRACTION must be >= 0 (0 = no "
+                             f"limit), got {refine_move_neighbour_fraction!r}")
+        self.refine_move_neighbour_fraction = float(refine_move_neighbour_fraction)
         self.return_bag_scores = return_bag_scores
         self.adaptive = _check_adaptive(adaptive)
+        if self.adaptive is not None and self.refine_move_neighbour_fraction > 0:
+            raise ValueError("MODEL.CPR.REFINE_MOVE_NEIGHBOUR_FRACTION limits the paper's bag; "
+                             "with MODEL.CPR.ADAPTIVE enabled set "
+                             "MODEL.CPR.ADAPTIVE.MOVE_NEIGHBOUR_FRACTION instead")
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -147,6 +156,7 @@ class CPRNet(nn.Module):
             "refine_score_thresh": c.REFINE_SCORE_THRESH,
             "refine_relative_thresh": c.REFINE_RELATIVE_THRESH,
             "refine_ring_step": c.REFINE_RING_STEP,
+            "refine_move_neighbour_fraction": c.REFINE_MOVE_NEIGHBOUR_FRACTION,
             "return_bag_scores": c.RETURN_BAG_SCORES,
             "adaptive": _adaptive_from_config(c, shape.stride),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
@@ -241,8 +251,7 @@ class CPRNet(nn.Module):
         its bag the refinement bag), coords (N, P, 2), prob (N, P), keep (N, P), and the
         refinement rule's point, score, num_kept and moved (weighted_centroid)."""
         a = self.adaptive
-        neighbour = torch.cat([nearest_neighbour_distance(p, l) for p, l in
-                               zip(points.split(counts), labels.split(counts))])
+        neighbour = _neighbour_distances(points, labels, counts)
         coords, logits, valid = self._refine_bag(cls_map, points, batch_idx, image_sizes)
         step = self.refine_ring_spacing
         centre, region, ann_prob = points, None, None
@@ -330,6 +339,11 @@ class CPRNet(nn.Module):
             lambda c, v, p, pt, lab: refine_points(c, v, p, pt, lab, self.refine_score_thresh,
                                                    self.refine_relative_thresh),
             counts, bag_coords, valid, bag_prob, points, labels)
+        if self.refine_move_neighbour_fraction > 0:
+            neighbour = _neighbour_distances(points, labels, counts)
+            limited = limit_move(refined[0], points,
+                                 self.refine_move_neighbour_fraction * neighbour)
+            refined = (limited, *refined[1:])
         keep, _ = _per_image(
             lambda c, v, p, pt, lab: refine_keep(c, v, p, pt, lab, self.refine_score_thresh,
                                                  self.refine_relative_thresh),
@@ -393,6 +407,13 @@ class CPRNet(nn.Module):
                 inst.bag_scores = bag_scores[rows]
             results.append({"instances": inst})
         return results
+
+
+def _neighbour_distances(points, labels, counts):
+    """(N,) per object of the batch: the distance to the nearest other annotated point of
+    its class on its image (inf when it has none)."""
+    return torch.cat([nearest_neighbour_distance(p, lab) for p, lab in
+                      zip(points.split(counts), labels.split(counts))])
 
 
 def _per_image(fn, counts, *tensors):

@@ -14,9 +14,11 @@ from cpr_d2.modeling.cpr_refine import (kept_size, limit_move, nearest_neighbour
 from .test_cpr_model import tiny_cprnet_cfg
 
 
-def cprnet(adaptive=False, radius=2, num_classes=2, refine_step=0.5, **adaptive_keys):
+def cprnet(adaptive=False, radius=2, num_classes=2, refine_step=0.5, move_limit=0.0,
+           **adaptive_keys):
     cfg = tiny_cprnet_cfg(num_classes, radius, channels=32)
     cfg.MODEL.CPR.REFINE_RING_STEP = refine_step
+    cfg.MODEL.CPR.REFINE_MOVE_NEIGHBOUR_FRACTION = move_limit
     cfg.MODEL.CPR.REFINE_SCORE_THRESH = 0.005  # untrained scores sit near the prior, 0.01
     cfg.MODEL.CPR.ADAPTIVE.ENABLED = adaptive
     for key, value in adaptive_keys.items():
@@ -240,6 +242,31 @@ def test_move_fraction_moves_each_point_that_share_of_the_way():
         torch.testing.assert_close(p.pred_points, p.coarse_points + 0.4 * step)
         assert p.refined.tolist() == f.refined.tolist()
         torch.testing.assert_close(p.regions, f.regions)
+
+
+def test_the_papers_bag_with_a_move_limit_shortens_only_the_long_moves():
+    data = batch()
+    with torch.no_grad():
+        free = cprnet().eval()(data)
+        limited = cprnet(move_limit=0.1).eval()(data)
+    shortened = 0
+    for f, lim, inp in zip(free, limited, data):
+        f, lim = f["instances"], lim["instances"]
+        gt = inp["instances"]
+        bound = 0.1 * nearest_neighbour_distance(gt.gt_points, gt.gt_classes)
+        torch.testing.assert_close(lim.pred_points, limit_move(f.pred_points, f.coarse_points,
+                                                               bound))
+        moved = (f.pred_points - f.coarse_points).norm(dim=1)
+        shortened += int((moved > bound + 1e-4).sum())
+        assert lim.num_kept.tolist() == f.num_kept.tolist()
+    assert shortened >= 2  # the limit did something: objects 0 and 2 are 10.8 px apart
+
+
+def test_move_limit_keys_are_checked():
+    with pytest.raises(ValueError, match="REFINE_MOVE_NEIGHBOUR_FRACTION must be >= 0"):
+        cprnet(move_limit=-0.1)
+    with pytest.raises(ValueError, match="ADAPTIVE.MOVE_NEIGHBOUR_FRACTION instead"):
+        cprnet(adaptive=True, move_limit=0.1)
 
 
 # ---- the size each refinement estimates (the trust report's size ranges) -----------------
