@@ -32,7 +32,7 @@ from cpr_d2.layers import (bag_coordinates, bag_gather, bilinear_gather, inside_
 from .backbone import normalized_images, single_level_feature_name
 from .cpr_losses import annotation_loss, mil_loss, negative_loss, score_variance_loss
 from .cpr_refine import (kept_size, limit_move, nearest_neighbour_distance, refine_keep,
-                         refine_points, region_radius, weighted_centroid)
+                         region_radius, weighted_centroid)
 from .postprocess import original_size_and_scale, rescale_points
 
 __all__ = ["CPRHead", "CPRNet"]
@@ -249,7 +249,8 @@ class CPRNet(nn.Module):
         """The adaptive stages on class logits `cls_map`, a list of dicts, one per stage:
         centre (N, 2) and region (N,) of its bag (stage 1: the annotated points and None,
         its bag the refinement bag), coords (N, P, 2), prob (N, P), keep (N, P), and the
-        refinement rule's point, score, num_kept and moved (weighted_centroid)."""
+        refinement rule's point, score, num_kept and moved (weighted_centroid), and size
+        (kept_size of its kept points, float64)."""
         a = self.adaptive
         neighbour = _neighbour_distances(points, labels, counts)
         coords, logits, valid = self._refine_bag(cls_map, points, batch_idx, image_sizes)
@@ -270,10 +271,10 @@ class CPRNet(nn.Module):
                 ann_prob = prob[:, -1]
             point, score, num_kept, moved = weighted_centroid(coords, prob, keep, centre,
                                                               self.refine_score_thresh)
+            size = kept_size(coords.double(), keep, step)
             stages.append({"centre": centre, "region": region, "coords": coords, "prob": prob,
                            "keep": keep, "point": point, "score": score, "num_kept": num_kept,
-                           "moved": moved, "neighbour": neighbour})
-            size = kept_size(coords.double(), keep, step)
+                           "moved": moved, "neighbour": neighbour, "size": size})
             region = region_radius(size, moved, neighbour.double(), a["alpha"], a["min_radius"],
                                    a["max_radius"], a["neighbour_fraction"]).to(points.dtype)
             centre = point
@@ -335,23 +336,20 @@ class CPRNet(nn.Module):
     def refine(self, batched_inputs, image_sizes, bag_coords, bag_cls, valid, points, labels,
                counts, targets):
         bag_prob = bag_cls.sigmoid()
-        refined = _per_image(
-            lambda c, v, p, pt, lab: refine_points(c, v, p, pt, lab, self.refine_score_thresh,
-                                                   self.refine_relative_thresh),
-            counts, bag_coords, valid, bag_prob, points, labels)
-        if self.refine_move_neighbour_fraction > 0:
-            neighbour = _neighbour_distances(points, labels, counts)
-            limited = limit_move(refined[0], points,
-                                 self.refine_move_neighbour_fraction * neighbour)
-            refined = (limited, *refined[1:])
-        keep, _ = _per_image(
+        # The paper's rule (refine_points), its kept points computed once for the refined
+        # points and the size estimate.
+        keep, prob = _per_image(
             lambda c, v, p, pt, lab: refine_keep(c, v, p, pt, lab, self.refine_score_thresh,
                                                  self.refine_relative_thresh),
             counts, bag_coords, valid, bag_prob, points, labels)
+        refined, score, num_kept, moved = weighted_centroid(bag_coords, prob, keep, points,
+                                                            self.refine_score_thresh)
+        if self.refine_move_neighbour_fraction > 0:
+            neighbour = _neighbour_distances(points, labels, counts)
+            refined = limit_move(refined, points, self.refine_move_neighbour_fraction * neighbour)
         sizes = kept_size(bag_coords.double(), keep, self.refine_ring_spacing)
-        scores = bag_prob.gather(2, labels.view(-1, 1, 1).expand(-1, bag_coords.shape[1], 1))
         return self._results(batched_inputs, image_sizes, points, labels, counts, targets,
-                             *refined, bag_coords, scores.squeeze(2), sizes=sizes)
+                             refined, score, num_kept, moved, bag_coords, prob, sizes=sizes)
 
     @torch.no_grad()
     def refine_adaptive(self, batched_inputs, image_sizes, cls_map, points, labels, counts,
@@ -369,12 +367,10 @@ class CPRNet(nn.Module):
         if self.adaptive["move_fraction"] < 1:
             refined = points + self.adaptive["move_fraction"] * (refined - points)
         moved = (refined != points).any(dim=1)
-        step = last["region"] / self.adaptive["rings"] if last["region"] is not None else \
-            self.refine_ring_spacing
-        sizes = kept_size(last["coords"].double(), last["keep"], step)
         return self._results(batched_inputs, image_sizes, points, labels, counts, targets,
                              refined, last["score"], last["num_kept"], moved, last["coords"],
-                             last["prob"], regions=(last["centre"], last["region"]), sizes=sizes)
+                             last["prob"], regions=(last["centre"], last["region"]),
+                             sizes=last["size"])
 
     def _results(self, batched_inputs, image_sizes, points, labels, counts, targets, refined,
                  score, num_kept, moved, bag_coords, bag_scores, regions=None, sizes=None):
