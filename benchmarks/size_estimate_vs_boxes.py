@@ -10,7 +10,8 @@ resolved) and a registered dataset with true boxes. The model refines every obje
 points (what the trust report's ranges and the adaptive regions use). The script
 prints the correlation of that estimate with the true size sqrt(w h), that of the
 distance to the nearest other annotated point of the class (the neighbour bound),
-and the estimate's mean and quartiles per range of the true size.
+and the estimate's mean and quartiles per range of the true size (the evaluator's
+ranges, cpr_d2.evaluation.semantic_variance.DEFAULT_SIZE_RANGES).
 """
 import argparse
 import math
@@ -20,8 +21,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-RANGES = ((0.0, 12.0), (12.0, 20.0), (20.0, 32.0), (32.0, math.inf))
 
 
 def collect(dicts, rows):
@@ -67,6 +66,7 @@ def main(argv=None):
 
     from cpr_d2.config import get_cpr_d2_cfg
     from cpr_d2.engine.refine import refine_dataset
+    from cpr_d2.evaluation.semantic_variance import DEFAULT_SIZE_RANGES
 
     cfg = get_cpr_d2_cfg()
     cfg.merge_from_file(args.config_file)
@@ -81,9 +81,8 @@ def main(argv=None):
           f"nearest-neighbour distance {correlation(nn, true):+.2f}")
     print("| true size | objects | estimate mean | estimate quartiles |")
     print("| --- | ---: | ---: | --- |")
-    for lo, hi in RANGES:
+    for name, lo, hi in DEFAULT_SIZE_RANGES:
         m = (true >= lo) & (true < hi)
-        name = f">= {lo:g} px" if math.isinf(hi) else f"{lo:g}-{hi:g} px"
         if not m.any():
             print(f"| {name} | 0 | - | - |")
             continue

@@ -27,9 +27,10 @@ from scipy.stats import rankdata
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpr_d2.data.point_json import read_json, true_box  # noqa: E402
-from cpr_d2.evaluation.semantic_variance import compare_point_jsons, made_worse  # noqa: E402
+from cpr_d2.evaluation.semantic_variance import (  # noqa: E402
+    DEFAULT_SIZE_RANGES, compare_point_jsons, made_worse)
 
-RANGES = ("all", "<12 px", "12-20 px", "20-32 px", ">=32 px", "<20 px", ">=20 px")
+RANGES = tuple(name for name, _, _ in DEFAULT_SIZE_RANGES)
 
 
 def auc(scores, positive):

@@ -23,9 +23,9 @@ The dataset-level estimate warns when the refinement as a whole cannot be truste
 Safe mode (`--keep-unreliable coarse`) keeps the coarse point of every unreliable
 object; the refined point stays in the json as `refine_point`.
 """
-import math
-
 import numpy as np
+
+from cpr_d2.evaluation.semantic_variance import DEFAULT_SIZE_RANGES
 
 __all__ = [
     "KEEP_UNRELIABLE",
@@ -41,9 +41,10 @@ RELIABLE_AT = 0.5
 MIN_TRAIN_OBJECTS = 200
 KEEP_UNRELIABLE = ("coarse", "refined")
 
-# Ranges of the size estimated from the kept points (no true boxes here).
-_SIZE_RANGES = (("<12 px", 0.0, 12.0), ("12-20 px", 12.0, 20.0), ("20-32 px", 20.0, 32.0),
-                (">=32 px", 32.0, math.inf))
+# The evaluator's finer size ranges, here of the size estimated from the kept points
+# (no true boxes): the ones that split the sizes into disjoint parts.
+_SIZE_RANGES = tuple(r for r in DEFAULT_SIZE_RANGES
+                     if r[0] in ("<12 px", "12-20 px", "20-32 px", ">=32 px"))
 
 
 def _move(row):
