@@ -400,3 +400,22 @@ def test_gpu_jobs_go_to_detectron2_launch_with_every_flag(monkeypatch):
     with pytest.raises(SystemExit, match=r"--num-gpus 9 is more than the 8 CUDA GPU"):
         launch_from_args(_where, parser.parse_args(["--num-gpus", "9"]))
     assert len(calls) == 2
+
+
+def test_a_finished_worker_runs_the_exit_handlers_and_exits_0(tmp_path):
+    """end_worker_process: the worker's Python exit handlers run and its output is
+    flushed, the exit status is 0, and nothing after the call runs."""
+    marker, after = tmp_path / "handler_ran", tmp_path / "after"
+    code = (
+        "import atexit, sys\n"
+        "from cpr_d2.engine.launch import end_worker_process\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
+        "sys.stdout.write('unflushed line')\n"
+        "end_worker_process()\n"
+        f"open({str(after)!r}, 'w').write('reached')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "unflushed line"
+    assert marker.read_text() == "ran"
+    assert not after.exists()
