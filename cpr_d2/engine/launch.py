@@ -18,6 +18,7 @@ checks with their messages, and two details detectron2 assumes CUDA for:
 divides it by the world size), so a run with N processes sees the same number
 of images per step as a run with one.
 """
+import atexit
 import contextlib
 import importlib
 import logging
@@ -37,7 +38,7 @@ from detectron2.utils import comm
 d2_launch_module = importlib.import_module("detectron2.engine.launch")
 
 __all__ = ["BACKENDS", "DEFAULT_TIMEOUT", "check_launch",
-           "create_ddp_model", "launch", "launch_from_args"]
+           "create_ddp_model", "end_worker_process", "launch", "launch_from_args"]
 
 logger = logging.getLogger(__name__)
 
@@ -226,12 +227,10 @@ def end_worker_process():
     A gloo worker that has loaded the compiled op sometimes aborts in its interpreter
     teardown (SIGABRT, "terminate called without an active exception", after
     destroy_process_group and after its work: 3 of 16 two-worker runs on a 2-core CPU),
-    and the launching process then reports a failed job although every rank finished. Python's exit handlers (logging,
-    the thread-share registry) still run here; only the C++ static teardown is
-    skipped."""
-    import atexit
-
-    atexit._run_exitfuncs()  # what a normal exit runs first (documented since Python 3.0)
+    and the launching process then reports a failed job although every rank finished.
+    Python's exit handlers (logging, the thread-share registry) still run here; only
+    the C++ static teardown is skipped."""
+    atexit._run_exitfuncs()  # what a normal exit runs first (private, but in every Python 3)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
