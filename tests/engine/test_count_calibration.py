@@ -171,3 +171,33 @@ def test_calibrate_restores_training_mode():
     model.train()
     t, mae, n = calibrate_count_threshold(model, [[{"image_id": 1}]], [{"image_id": 1, "annotations": [{}]}])
     assert model.training and n == 1 and mae == 0 and t < 0.5
+
+
+def _count_rules():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "count_rules.py"
+    spec = importlib.util.spec_from_file_location("_bench_count_rules", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_count_rules_of_the_benchmark_on_a_confidence_drop(np_rng):
+    # Training images: 10 objects scoring 0.8-0.9 and 40 detections of background at
+    # 0.1-0.2. Test images: twice the objects, and every score five times lower (background
+    # 0.01-0.02). The absolute threshold (just above the training background, about 0.2)
+    # counts nothing there; thresholds relative to the image's top scores (just above
+    # 0.2 / 0.9 of the top) count every object; the soft count scales with the scores and
+    # counts far too few. Errors are in objects per image.
+    def image(n_obj, bg, scale):
+        return scale * np.concatenate([np_rng.uniform(0.8, 0.9, n_obj),
+                                       np_rng.uniform(*bg, 40)])
+    train = [image(10, (0.1, 0.2), 1.0) for _ in range(6)]
+    test = [image(20, (0.05, 0.1), 0.2) for _ in range(4)]
+    errors = _count_rules().rule_errors(train, [10] * 6, test, [20] * 4)
+    assert errors["abs"] == (20.0, -20.0)
+    assert errors["top1"] == (0.0, 0.0) and errors["top5"] == (0.0, 0.0)
+    assert errors["q90"] == (0.0, 0.0)
+    soft_mae, soft_bias = errors["soft"]
+    assert soft_bias == pytest.approx(-soft_mae) and soft_mae > 10
