@@ -20,7 +20,9 @@ on every image fold but its own, and each image is refined by the model that nev
 it. The fold models go to OUTPUT_DIR/refine_export/crossfit_<K>/fold_<k>/ (a rerun
 skips those already trained); each annotation also gets `refine_fold` and
 `refine_disagreement`, the distance in pixels from its point to the other fold
-models' points. --folds 1 (the default) refines with the one model MODEL.WEIGHTS.
+models' points. A fold model whose training images hold no objects is not trained:
+the objects of its fold keep their coarse points, and the report warns. --folds 1
+(the default) refines with the one model MODEL.WEIGHTS.
 
 A trust report that needs no true boxes is printed and written beside the json
 (refined.json -> refined.trust.json): per range of the object size estimated from the

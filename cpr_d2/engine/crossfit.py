@@ -30,7 +30,7 @@ from .checkpoint import load_inference_weights
 from .refine import refine_dataset
 
 __all__ = ["combine_fold_rows", "crossfit_refine", "fold_json", "image_folds",
-           "training_objects"]
+           "training_objects", "unrefined_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,28 @@ def combine_fold_rows(rows_per_model, folds, image_of):
     return out
 
 
+def unrefined_rows(dicts, image_ids):
+    """refine_dataset's rows, the points left as annotated, for the objects of the records
+    `dicts` whose image_id is in `image_ids`: the objects of a fold whose model could not
+    be trained. As refine_dataset, crowd objects and points off their image get no row."""
+    rows = {}
+    for record in dicts:
+        if record["image_id"] not in image_ids:
+            continue
+        width, height = record.get("width"), record.get("height")
+        for ann in record.get("annotations", []):
+            point = ann.get("point")
+            if ann.get("iscrowd", 0) or point is None:
+                continue
+            if width is not None and height is not None and not (
+                    0 <= point[0] <= width and 0 <= point[1] <= height):
+                continue
+            rows[ann["id"]] = {"point": [float(v) for v in point], "score": 0.0,
+                               "coarse_point": [float(v) for v in point], "refined": False,
+                               "num_kept": 0, "size": 0.0}
+    return rows
+
+
 def _fold_settings(cfg, source_json, folds):
     return {"source_json": os.path.abspath(source_json), "folds": max(folds.values()) + 1,
             "seed": int(cfg.SEED), "max_iter": int(cfg.SOLVER.MAX_ITER),
@@ -163,8 +185,18 @@ def crossfit_refine(cfg, dataset_name, source_json, image_root, folds, work_dir)
     data = read_json(source_json, "point json")
     assignment = image_folds(data.get("images", []), folds, source_json)
     _check_work_dir(work_dir, _fold_settings(cfg, source_json, assignment))
+    objects = training_objects(data, assignment)
     rows_per_model = []
     for k in range(folds):
+        if not any(objects[k].values()):
+            own = [im for im in data.get("images", []) if assignment[im["id"]] == k]
+            logger.warning(
+                "Fold %d: the images it would train on (every fold but %d) hold no objects, so "
+                "no CPRNet is trained for it; the objects of its own %d image(s) keep their "
+                "coarse points. Use fewer folds, or annotate more images", k, k, len(own))
+            rows_per_model.append(unrefined_rows(DatasetCatalog.get(dataset_name),
+                                                 {im["id"] for im in own}))
+            continue
         fold_dir = os.path.join(work_dir, f"fold_{k}")
         train_file = os.path.join(fold_dir, "train.json")
         if comm.is_main_process() and not os.path.isfile(train_file):

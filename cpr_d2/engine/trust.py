@@ -137,9 +137,17 @@ def trust_report(rows, folds=1, train_objects=None, keep_unreliable="coarse"):
             f"coarse points (--keep-unreliable coarse)")
     fewest = None
     if train_objects:
-        fewest = min((n, fold, c) for fold, per_class in train_objects.items()
-                     for c, n in per_class.items())
-        if fewest[0] < MIN_TRAIN_OBJECTS:
+        # A fold model whose training images hold no object at all counts as 0 objects.
+        fewest = min([(n, fold, c) for fold, per_class in train_objects.items()
+                      for c, n in per_class.items()]
+                     + [(0, fold, None) for fold, per_class in train_objects.items()
+                        if not any(per_class.values())])
+        if fewest[2] is None:
+            warnings.append(
+                f"too little data: fold model {fewest[1]} had no objects to train on (its "
+                f"training images hold none), so the objects of its own images keep their "
+                f"coarse points. Annotate more images, or use fewer folds")
+        elif fewest[0] < MIN_TRAIN_OBJECTS:
             warnings.append(
                 f"too little data: fold model {fewest[1]} trained on only {fewest[0]} objects of "
                 f"class {fewest[2]} (fewer than {MIN_TRAIN_OBJECTS}); CPRNet trained on so few "

@@ -175,3 +175,51 @@ def test_two_processes_train_the_folds_and_write_one_json(tmp_path):
     refined = [a for a in json.loads(output.read_text())["annotations"] if "refine_fold" in a]
     assert len(refined) == sum(1 for a in data["annotations"] if not a["iscrowd"])
     assert {a["refine_fold"] for a in refined} == {0, 1}
+
+
+def test_a_fold_with_nothing_to_train_on_keeps_its_coarse_points(tmp_path, capsys):
+    # One tile with trees and one without: the fold model that would train on the empty
+    # tile is not trained, the trees (whose fold it is) keep their coarse points, and the
+    # report says why, last.
+    json_file, root = dataset_files("forest")
+    data = json.loads(Path(json_file).read_text())
+    has = {a["image_id"] for a in data["annotations"] if not a["iscrowd"]}
+    full = next(im for im in data["images"] if im["id"] in has)
+    empty = next(im for im in data["images"] if not any(a["image_id"] == im["id"]
+                                                         for a in data["annotations"]))
+    data["images"] = [full, empty]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] == full["id"]]
+    source = tmp_path / "points.json"
+    source.write_text(json.dumps(data))
+    output = tmp_path / "refined.json"
+    rows = run_refine(tmp_path, str(source), root, output, 2)
+    folds = image_folds(data["images"], 2)
+    idle, busy = folds[full["id"]], folds[empty["id"]]
+    work = tmp_path / "run" / "refine_export" / "crossfit_2"
+    assert not (work / f"fold_{idle}" / "model_final.pth").exists()
+    assert (work / f"fold_{busy}" / "model_final.pth").is_file()
+    objects = [a for a in data["annotations"] if not a["iscrowd"]]
+    assert sorted(rows) == sorted(a["id"] for a in objects)
+    out = {a["id"]: a for a in json.loads(output.read_text())["annotations"]}
+    for ann in objects:
+        row, written = rows[ann["id"]], out[ann["id"]]
+        assert row["point"] == row["coarse_point"] == [float(v) for v in ann["point"]]
+        assert row["refined"] is False and row["fold"] == idle
+        assert written["point"] == ann["point"] and written["refine_fold"] == idle
+        # The trained fold model (it saw these trees) gives the disagreement.
+        assert row["disagreement"] is not None and row["disagreement"] >= 0
+    printed = capsys.readouterr()
+    assert f"fold model {idle} had no objects to train on" in printed.out
+    trust = json.loads((tmp_path / "refined.trust.json").read_text())
+    assert trust["fewest training objects"] == 0 and trust["moved"] == 0
+
+
+def test_the_report_counts_a_fold_without_objects_as_none():
+    from cpr_d2.engine.trust import trust_report
+    rows = {1: {"point": [5.0, 5.0], "coarse_point": [5.0, 5.0], "refined": False,
+                "num_kept": 0, "size": 0.0, "score": 0.0}}
+    report = trust_report(rows, folds=2, train_objects={0: {}, 1: {1: 500}})
+    assert report["fewest training objects"] == 0
+    assert any("fold model 0 had no objects to train on" in w for w in report["warnings"])
+    report = trust_report(rows, folds=2, train_objects={0: {1: 300}, 1: {1: 500}})
+    assert report["fewest training objects"] == 300 and not report["warnings"]
