@@ -139,6 +139,15 @@ def _add_cpr_refine_keys(cfg):
     # for the paper's bag); 0 = no limit (the paper). A refinement-only key
     # (docs/cprnet.md, "A move limit for the paper's bag").
     cfg.MODEL.CPR.REFINE_MOVE_NEIGHBOUR_FRACTION = 0.0
+    # The refinement bag's radius in strides; 0 = RADIUS (the paper: the training bag).
+    # A refinement-only key: a larger disc lets the point of a large object travel further
+    # towards its centre (docs/cprnet.md, "Stride 4 and the neighbour disc").
+    cfg.MODEL.CPR.REFINE_RADIUS = 0
+    # Refinement keeps only the bag points within this fraction of the distance to the
+    # nearest other annotated point of the object's class (0.5: the largest disc that no
+    # other object's disc of the same kind overlaps); 0 = the whole bag (the paper). A
+    # refinement-only key; objects without a neighbour keep their whole bag.
+    cfg.MODEL.CPR.REFINE_NEIGHBOUR_DISC = 0.0
     # Inference also returns each object's bag coordinates and scores (for
     # visualisation); off by default, it is N x (4R(R+1)+1) values per image.
     cfg.MODEL.CPR.RETURN_BAG_SCORES = False

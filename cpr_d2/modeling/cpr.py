@@ -32,7 +32,7 @@ from cpr_d2.layers import (bag_coordinates, bag_gather, bilinear_gather, inside_
 from .backbone import normalized_images, single_level_feature_name
 from .cpr_losses import annotation_loss, mil_loss, negative_loss, score_variance_loss
 from .cpr_refine import (kept_size, limit_move, nearest_neighbour_distance, refine_keep,
-                         region_radius, weighted_centroid)
+                         region_radius, weighted_centroid, within_distance)
 from .postprocess import original_size_and_scale, rescale_points
 
 __all__ = ["CPRHead", "CPRNet"]
@@ -98,8 +98,8 @@ class CPRNet(nn.Module):
     def __init__(self, *, backbone, head, in_feature, stride, num_classes, radius,
                  focal_gamma=2.0, mil_weight=0.25, ann_weight=0.125, neg_weight=0.75,
                  refine_score_thresh=0.1, refine_relative_thresh=0.5, refine_ring_step=1.0,
-                 refine_move_neighbour_fraction=0.0, return_bag_scores=False, adaptive=None,
-                 pixel_mean, pixel_std):
+                 refine_move_neighbour_fraction=0.0, refine_radius=0, refine_neighbour_disc=0.0,
+                 return_bag_scores=False, adaptive=None, pixel_mean, pixel_std):
         """adaptive: None (the paper's CPR) or a dict with stages, rings, alpha, min_radius
         and max_radius (pixels) and neighbour_fraction, optionally variance_weight,
         move_neighbour_fraction and move_fraction (see MODEL.CPR.ADAPTIVE)."""
@@ -114,19 +114,34 @@ class CPRNet(nn.Module):
         self.loss_weights = {"mil": mil_weight, "ann": ann_weight, "neg": neg_weight}
         self.refine_score_thresh = refine_score_thresh
         self.refine_relative_thresh = refine_relative_thresh
-        rings = radius / refine_ring_step if 0 < refine_ring_step <= 1 else 0.5
+        if refine_radius != int(refine_radius) or refine_radius < 0:
+            raise ValueError(f"MODEL.CPR.REFINE_RADIUS must be a whole number of strides >= 0 "
+                             f"(0 = MODEL.CPR.RADIUS), got {refine_radius!r}")
+        self.refine_radius = int(refine_radius) or radius
+        rings = self.refine_radius / refine_ring_step if 0 < refine_ring_step <= 1 else 0.5
         if abs(rings - round(rings)) > 1e-6:
             raise ValueError(
-                f"MODEL.CPR.REFINE_RING_STEP must be in (0, 1] and divide MODEL.CPR.RADIUS "
-                f"({radius}) into whole rings, got {refine_ring_step}; e.g. 1.0, 0.5 or 0.25")
+                f"MODEL.CPR.REFINE_RING_STEP must be in (0, 1] and divide the refinement "
+                f"radius ({self.refine_radius}) into whole rings, got {refine_ring_step}; e.g. "
+                f"1.0, 0.5 or 0.25")
         self.refine_rings = int(round(rings))
         self.refine_ring_spacing = self.stride * refine_ring_step
         if not refine_move_neighbour_fraction >= 0:
             raise ValueError("MODEL.CPR.REFINE_MOVE_NEIGHBOUR_FRACTION must be >= 0 (0 = no "
                              f"limit), got {refine_move_neighbour_fraction!r}")
         self.refine_move_neighbour_fraction = float(refine_move_neighbour_fraction)
+        if not 0 <= refine_neighbour_disc <= 1:
+            raise ValueError("MODEL.CPR.REFINE_NEIGHBOUR_DISC must be in [0, 1] (0 = the whole "
+                             f"bag; 0.5 = half the nearest-neighbour distance), got "
+                             f"{refine_neighbour_disc!r}")
+        self.refine_neighbour_disc = float(refine_neighbour_disc)
         self.return_bag_scores = return_bag_scores
         self.adaptive = _check_adaptive(adaptive)
+        if self.adaptive is not None and (self.refine_radius != radius
+                                          or self.refine_neighbour_disc > 0):
+            raise ValueError("MODEL.CPR.REFINE_RADIUS and MODEL.CPR.REFINE_NEIGHBOUR_DISC shape "
+                             "the paper's refinement bag; with MODEL.CPR.ADAPTIVE enabled leave "
+                             "them at 0 (the adaptive regions size the later bags)")
         if self.adaptive is not None and self.refine_move_neighbour_fraction > 0:
             raise ValueError("MODEL.CPR.REFINE_MOVE_NEIGHBOUR_FRACTION limits the paper's bag; "
                              "with MODEL.CPR.ADAPTIVE enabled set "
@@ -157,6 +172,8 @@ class CPRNet(nn.Module):
             "refine_relative_thresh": c.REFINE_RELATIVE_THRESH,
             "refine_ring_step": c.REFINE_RING_STEP,
             "refine_move_neighbour_fraction": c.REFINE_MOVE_NEIGHBOUR_FRACTION,
+            "refine_radius": c.REFINE_RADIUS,
+            "refine_neighbour_disc": c.REFINE_NEIGHBOUR_DISC,
             "return_bag_scores": c.RETURN_BAG_SCORES,
             "adaptive": _adaptive_from_config(c, shape.stride),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
@@ -221,7 +238,7 @@ class CPRNet(nn.Module):
         if self.adaptive is not None:
             return self.refine_adaptive(batched_inputs, images.image_sizes, cls_map, points,
                                         labels, counts, batch_idx, image_sizes, targets)
-        if self.refine_rings == self.radius:
+        if self.refine_rings == self.radius and self.refine_radius == self.radius:
             bag_cls, valid = bag_gather(cls_map, points, batch_idx, image_sizes, self.radius,
                                         self.stride)
             bag_coords = bag_coordinates(points, self.radius, self.stride)
@@ -231,8 +248,9 @@ class CPRNet(nn.Module):
                            labels, counts, targets)
 
     def _refine_bag(self, cls_map, points, batch_idx, image_sizes):
-        """The refinement bag when MODEL.CPR.REFINE_RING_STEP < 1: the same disc of radius
-        R * stride, sampled by rings every REFINE_RING_STEP * stride pixels."""
+        """The refinement bag when MODEL.CPR.REFINE_RING_STEP < 1 or REFINE_RADIUS is set:
+        the disc of radius REFINE_RADIUS * stride (default RADIUS), sampled by rings every
+        REFINE_RING_STEP * stride pixels."""
         coords = bag_coordinates(points, self.refine_rings, self.refine_ring_spacing)
         return (coords, *self._read_bag(cls_map, coords, batch_idx, image_sizes))
 
@@ -342,10 +360,14 @@ class CPRNet(nn.Module):
             lambda c, v, p, pt, lab: refine_keep(c, v, p, pt, lab, self.refine_score_thresh,
                                                  self.refine_relative_thresh),
             counts, bag_coords, valid, bag_prob, points, labels)
+        if self.refine_neighbour_disc > 0 or self.refine_move_neighbour_fraction > 0:
+            neighbour = _neighbour_distances(points, labels, counts)
+        if self.refine_neighbour_disc > 0:
+            keep = keep & within_distance(bag_coords, points,
+                                          self.refine_neighbour_disc * neighbour)
         refined, score, num_kept, moved = weighted_centroid(bag_coords, prob, keep, points,
                                                             self.refine_score_thresh)
         if self.refine_move_neighbour_fraction > 0:
-            neighbour = _neighbour_distances(points, labels, counts)
             refined = limit_move(refined, points, self.refine_move_neighbour_fraction * neighbour)
         sizes = kept_size(bag_coords.double(), keep, self.refine_ring_spacing)
         return self._results(batched_inputs, image_sizes, points, labels, counts, targets,

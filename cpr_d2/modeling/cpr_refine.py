@@ -25,6 +25,7 @@ __all__ = [
     "nearest_neighbour_distance",
     "region_radius",
     "limit_move",
+    "within_distance",
 ]
 
 
@@ -156,3 +157,10 @@ def limit_move(refined, anchors, radius):
     length = step.norm(dim=1)
     scale = torch.where(length > radius, radius / length.clamp(min=1e-12), torch.ones_like(length))
     return anchors + step * scale[:, None]
+
+
+def within_distance(bag_coords, anchors, radius):
+    """(N, P) bool: bag point p of object j lies within radius[j] pixels of anchors[j]
+    (inclusive; an infinite radius keeps every point)."""
+    offset = bag_coords - anchors[:, None, :].to(bag_coords.dtype)
+    return offset.norm(dim=2) <= radius[:, None].to(bag_coords.dtype)

@@ -80,6 +80,17 @@ def test_bad_adaptive_keys_fail_naming_the_key(key, value):
 
 # ---- the region estimate -----------------------------------------------------------------
 
+def blank_sample(points, size, original=None):
+    """A black size x size image with one-class objects at `points` (N, 2), its original
+    size `original` (default `size`)."""
+    inst = Instances((size, size))
+    inst.gt_points = points.clone()
+    inst.gt_classes = torch.zeros(len(points), dtype=torch.long)
+    inst.gt_ann_index = torch.arange(len(points))
+    return {"image": torch.zeros(3, size, size, dtype=torch.uint8), "instances": inst,
+            "height": original or size, "width": original or size}
+
+
 def disc_logits(height, width, stride, discs):
     """(1, 1, H, W) class logits: p = 0.9 at cells whose centre lies in one of the
     (x, y, radius) discs, 0.001 elsewhere."""
@@ -278,20 +289,13 @@ def test_refinement_estimates_each_objects_size_from_its_kept_points():
     blobs = [(40.0, 40.0, 6.0), (150.0, 60.0, 14.0)]
     points = torch.tensor([[x + 1.0, y - 1.0] for x, y, _ in blobs])
 
-    def sample():
-        inst = Instances((224, 224))
-        inst.gt_points = points.clone()
-        inst.gt_classes = torch.zeros(2, dtype=torch.long)
-        inst.gt_ann_index = torch.arange(2)
-        return {"image": torch.zeros(3, 224, 224, dtype=torch.uint8), "instances": inst,
-                "height": 448, "width": 448}  # original pixels: twice the input's
-
     for adaptive in (False, True):
         model = cprnet(adaptive=adaptive, radius=4, num_classes=1, refine_step=0.25).eval()
         model.head.forward = lambda features: (disc_logits(28, 28, 8.0, blobs),
                                                torch.zeros(1, 1, 28, 28))
         with torch.no_grad():
-            inst = model([sample()])[0]["instances"]
+            # original pixels: twice the input's
+            inst = model([blank_sample(points, 224, original=448)])[0]["instances"]
         small, large = (inst.est_sizes / 2).tolist()  # back to input pixels
         print(f"adaptive={adaptive}: estimated sizes {small:.1f} and {large:.1f} px")
         assert 10.0 <= small <= 16.0 and 21.0 <= large <= 32.0 and large > 1.6 * small
