@@ -13,6 +13,14 @@ Goal: head + sampling + losses <= 25% of the step.
 
 Then the whole step again with MODEL.CPR.ADAPTIVE enabled (same weights, same
 batch, same process), against the paper's step: goal <= 1.25x.
+
+--compare-config F times the whole step of another config (its own model, the same
+crops) interleaved with this one's, and prints the ratio, e.g. the stride-4 config
+against the pipeline's:
+
+    python benchmarks/bench_cpr_step.py \
+        --config-file configs/forest/cpr_R18_s8_r2_c128_4x192_limit.yaml \
+        --compare-config configs/forest/cpr_R18_s4_r4_c128_4x192_disc.yaml
 """
 import argparse
 import statistics
@@ -26,6 +34,7 @@ from detectron2.modeling import build_model
 import cpr_d2  # noqa: F401
 from cpr_d2.config import get_cpr_d2_cfg
 from cpr_d2.data import PointDatasetMapper
+from cpr_d2.data.classes import resolve_num_classes
 from cpr_d2.layers import bag_gather
 from cpr_d2.modeling.backbone import normalized_images
 
@@ -60,11 +69,14 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default="configs/forest/cpr_R18_s8_r2.yaml")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--compare-config", default=None,
+                        help="another config whose whole step is timed against this one's")
     parser.add_argument("opts", nargs="*", help="config overrides, KEY VALUE ...")
     args = parser.parse_args()
     cfg = get_cpr_d2_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    resolve_num_classes(cfg, training=True)  # the forest configs take it from the data
     torch.manual_seed(0)
     model = build_model(cfg).train()
     batch = forest_batch(cfg, PointDatasetMapper(cfg, is_train=True))
@@ -134,6 +146,11 @@ def main():
 
     adaptive_cfg = cfg.clone()
     adaptive_cfg.MODEL.CPR.ADAPTIVE.ENABLED = True
+    # The paper's refinement-only keys do not combine with adaptive regions (refused);
+    # they do not touch the training step.
+    adaptive_cfg.MODEL.CPR.REFINE_MOVE_NEIGHBOUR_FRACTION = 0.0
+    adaptive_cfg.MODEL.CPR.REFINE_RADIUS = 0
+    adaptive_cfg.MODEL.CPR.REFINE_NEIGHBOUR_DISC = 0.0
     adaptive = build_model(adaptive_cfg).train()
     adaptive.load_state_dict(model.state_dict())
     paper_ms, adaptive_ms = [], []
@@ -144,6 +161,21 @@ def main():
     a = adaptive_cfg.MODEL.CPR.ADAPTIVE
     print(f"adaptive regions ({a.STAGES} stages, {a.RINGS} rings): {adaptive_t:.1f} ms vs the "
           f"paper's {paper_t:.1f} ms per step: {adaptive_t / paper_t:.2f}x (goal <= 1.25x)")
+
+    if args.compare_config:
+        other_cfg = get_cpr_d2_cfg()
+        other_cfg.merge_from_file(args.compare_config)
+        resolve_num_classes(other_cfg, training=True)
+        torch.manual_seed(0)
+        other = build_model(other_cfg).train()
+        this_ms, other_ms = [], []
+        for _ in range(3):  # interleaved, as above
+            this_ms.append(median_ms(full, args.steps))
+            other_ms.append(median_ms(lambda: step(other), args.steps))
+        this_t, other_t = statistics.median(this_ms), statistics.median(other_ms)
+        print(f"{args.compare_config} (stride {int(other.stride)}, R = {other.radius}): "
+              f"{other_t:.1f} ms vs {this_t:.1f} ms per step on the same crops: "
+              f"{other_t / this_t:.2f}x")
 
 
 if __name__ == "__main__":
