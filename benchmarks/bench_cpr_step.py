@@ -64,6 +64,16 @@ def median_ms(fn, steps):
     return 1e3 * statistics.median(times)
 
 
+def interleaved_ms(first, second, steps, rounds=3):
+    """(first's ms, second's ms) per call: medians over `rounds` of median_ms, the two
+    interleaved so that drift in the machine's speed hits both alike."""
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(median_ms(first, steps))
+        b.append(median_ms(second, steps))
+    return statistics.median(a), statistics.median(b)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,11 +163,7 @@ def main():
     adaptive_cfg.MODEL.CPR.REFINE_NEIGHBOUR_DISC = 0.0
     adaptive = build_model(adaptive_cfg).train()
     adaptive.load_state_dict(model.state_dict())
-    paper_ms, adaptive_ms = [], []
-    for _ in range(3):  # interleaved, so drift in the machine's speed hits both alike
-        paper_ms.append(median_ms(full, args.steps))
-        adaptive_ms.append(median_ms(lambda: step(adaptive), args.steps))
-    paper_t, adaptive_t = statistics.median(paper_ms), statistics.median(adaptive_ms)
+    paper_t, adaptive_t = interleaved_ms(full, lambda: step(adaptive), args.steps)
     a = adaptive_cfg.MODEL.CPR.ADAPTIVE
     print(f"adaptive regions ({a.STAGES} stages, {a.RINGS} rings): {adaptive_t:.1f} ms vs the "
           f"paper's {paper_t:.1f} ms per step: {adaptive_t / paper_t:.2f}x (goal <= 1.25x)")
@@ -168,11 +174,7 @@ def main():
         resolve_num_classes(other_cfg, training=True)
         torch.manual_seed(0)
         other = build_model(other_cfg).train()
-        this_ms, other_ms = [], []
-        for _ in range(3):  # interleaved, as above
-            this_ms.append(median_ms(full, args.steps))
-            other_ms.append(median_ms(lambda: step(other), args.steps))
-        this_t, other_t = statistics.median(this_ms), statistics.median(other_ms)
+        this_t, other_t = interleaved_ms(full, lambda: step(other), args.steps)
         print(f"{args.compare_config} (stride {int(other.stride)}, R = {other.radius}): "
               f"{other_t:.1f} ms vs {this_t:.1f} ms per step on the same crops: "
               f"{other_t / this_t:.2f}x")

@@ -24,6 +24,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from cpr_d2.data import read_json, register_point_coco
+from cpr_d2.data.mapper import _points_on_image
 from cpr_d2.utils.io import write_json_atomic
 
 from .checkpoint import load_inference_weights
@@ -111,8 +112,8 @@ def unrefined_rows(dicts, image_ids):
             point = ann.get("point")
             if ann.get("iscrowd", 0) or point is None:
                 continue
-            if width is not None and height is not None and not (
-                    0 <= point[0] <= width and 0 <= point[1] <= height):
+            if width is not None and height is not None and not _points_on_image(
+                    np.asarray([point], dtype=np.float64), height, width)[0]:
                 continue
             rows[ann["id"]] = {"point": [float(v) for v in point], "score": 0.0,
                                "coarse_point": [float(v) for v in point], "refined": False,
