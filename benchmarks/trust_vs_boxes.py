@@ -9,11 +9,12 @@ annotations have true boxes. Per json it prints:
 * the area under the ROC curve of each per-object signal as a predictor of "made
   worse" against "made better" (cpr_d2.evaluation.semantic_variance.made_worse, both
   directions; objects neither worse nor better are left out): 1 - refine_reliability,
-  refine_disagreement, the move length, and both over the size estimated from the
-  kept points (refine_size), for comparison;
-* the semantic variance change and the share made worse, per size range of the true
-  box, for the refinement as written by --keep-unreliable refined and by safe mode
-  (--keep-unreliable coarse), both against the coarse points.
+  refine_disagreement, the move length, both over the size estimated from the kept
+  points (refine_size), and 1 - refine_agreement, for comparison;
+* the semantic variance change, the mean distance change and the share made worse,
+  per size range of the true box, for the points each --keep-unreliable mode writes
+  (refined, coarse, agreed: rebuilt from the json's fields, so a json written in any
+  mode judges all three), against the coarse points.
 """
 import argparse
 import copy
@@ -45,16 +46,22 @@ def auc(scores, positive):
 
 
 def variants(data):
-    """(coarse, refined, safe) jsons: the coarse points, every refined point, and the
-    refined points with the coarse point kept where refine_reliable is False."""
-    out = [copy.deepcopy(data) for _ in range(3)]
-    for coarse, refined, safe in zip(*(d["annotations"] for d in out)):
+    """(coarse, refined, safe, agreed) jsons: the coarse points, every refined point, the
+    refined points with the coarse point kept where refine_reliable is False
+    (--keep-unreliable coarse), and every point moved by refine_agreement of its move
+    (--keep-unreliable agreed), whichever mode wrote `data`."""
+    out = [copy.deepcopy(data) for _ in range(4)]
+    for coarse, refined, safe, agreed in zip(*(d["annotations"] for d in out)):
         if "coarse_point" not in coarse:
             continue
+        start = np.asarray(coarse["coarse_point"], float)
         point = coarse.get("refine_point", coarse["point"])
         coarse["point"] = coarse["coarse_point"]
         refined["point"] = point
         safe["point"] = coarse["coarse_point"] if coarse.get("refine_reliable") is False else point
+        share = coarse.get("refine_agreement")
+        share = 1.0 if share is None else share
+        agreed["point"] = (start + share * (np.asarray(point, float) - start)).tolist()
     return out
 
 
@@ -69,16 +76,19 @@ def signals(data):
         move = float(np.linalg.norm(point - coarse))
         size = ann.get("refine_size") or 0.0
         disagreement = ann.get("refine_disagreement") or 0.0
+        agreement = ann.get("refine_agreement")
         rows.append((coarse, point, box, ann["refine_reliability"], disagreement, move,
-                     disagreement / size if size else math.inf, move / size if size else 0.0))
+                     disagreement / size if size else math.inf, move / size if size else 0.0,
+                     math.nan if agreement is None else agreement))
     coarse, point, boxes = (np.array([r[k] for r in rows]) for k in range(3))
     worse = made_worse(coarse, point, boxes)
     better = made_worse(point, coarse, boxes)
     judged = worse | better
-    return {name: auc(np.array([r[k] for r in rows])[judged] * sign, worse[judged])
-            for name, k, sign in (("1 - reliability", 3, -1), ("disagreement", 4, 1),
-                                  ("move", 5, 1), ("disagreement / size", 6, 1),
-                                  ("move / size", 7, 1))}, int(worse.sum()), int(better.sum())
+    named = (("1 - reliability", 3, -1), ("disagreement", 4, 1), ("move", 5, 1),
+             ("disagreement / size", 6, 1), ("move / size", 7, 1), ("1 - agreement", 8, -1))
+    aucs = {name: auc(np.array([r[k] for r in rows])[judged] * sign, worse[judged])
+            for name, k, sign in named}
+    return aucs, int(worse.sum()), int(better.sum())
 
 
 def main(argv=None):
@@ -91,21 +101,20 @@ def main(argv=None):
         aucs, worse, better = signals(data)
         print(f"\n{path}: {worse} objects made worse, {better} made better")
         print("AUC (worse vs better): " + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items()))
-        coarse, refined, safe = variants(data)
+        coarse, refined, safe, agreed = variants(data)
         kept = sum(a.get("refine_reliable") is False for a in data["annotations"])
-        print(f"safe mode keeps the coarse point of {kept} objects")
-        print("| size range | objects | RSV refined % | RSV safe % | |o| refined % | |o| safe % "
-              "| worse refined % | worse safe % |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        full = compare_point_jsons(coarse, refined)
-        guarded = compare_point_jsons(coarse, safe)
+        print(f"--keep-unreliable coarse keeps the coarse point of {kept} objects; "
+              "agreed moves every object by refine_agreement of its move")
+        modes = ("refined", "coarse", "agreed")
+        print("| size range | objects | " + " | ".join(
+            f"{what} {mode} %" for what in ("RSV", "|o|", "worse") for mode in modes) + " |")
+        print("| --- | ---: | " + " | ".join(["---:"] * 9) + " |")
+        changes = [compare_point_jsons(coarse, written) for written in (refined, safe, agreed)]
         for name in RANGES:
-            cells = [full.change(name, "rsv"), guarded.change(name, "rsv"),
-                     full.change(name, "mean_distance"), guarded.change(name, "mean_distance"),
-                     full.worse[name], guarded.worse[name]]
-            print(f"| {name} | {full.a[name].objects} | "
-                  + " | ".join(f"{c:+.1f}" if k < 4 else f"{c:.1f}" for k, c in enumerate(cells))
-                  + " |")
+            cells = ([f"{c.change(name, 'rsv'):+.1f}" for c in changes]
+                     + [f"{c.change(name, 'mean_distance'):+.1f}" for c in changes]
+                     + [f"{c.worse[name]:.1f}" for c in changes])
+            print(f"| {name} | {changes[0].a[name].objects} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

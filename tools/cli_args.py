@@ -11,6 +11,9 @@ import os
 import re
 
 BACKENDS = ("auto", "nccl", "gloo")  # cpr_d2.engine.launch.BACKENDS
+# --keep-unreliable: cpr_d2.engine.trust.KEEP_UNRELIABLE, DEFAULT_KEEP_UNRELIABLE.
+KEEP_UNRELIABLE = ("agreed", "coarse", "refined")
+DEFAULT_KEEP_UNRELIABLE = "agreed"
 # A config override's key (e.g. MODEL.WEIGHTS).
 CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
 

@@ -28,11 +28,14 @@ A trust report that needs no true boxes is printed and written beside the json
 (refined.json -> refined.trust.json): per range of the object size estimated from the
 kept points, how many points moved, how far, how much the fold models disagree, and
 how many are unreliable. With --folds >= 2 a point is unreliable when models trained
-on different images disagree about it by more than the refinement moved it; each
-annotation then gets `refine_reliability` and `refine_reliable`, and
---keep-unreliable coarse (the default) keeps the coarse point of the unreliable ones
-(the refined point stays as `refine_point`), --keep-unreliable refined writes every
-refined point. With one model the json is as before and the report only measures the
+on different images disagree about it by more than the refinement moved it, and its
+move agreement is the share of its move that the models which saw its image
+reproduce; each annotation then gets `refine_reliability`, `refine_reliable` and
+`refine_agreement`. --keep-unreliable decides what is written: agreed (the default)
+moves every point by the agreed part of its move, coarse keeps the coarse point of the
+unreliable ones and moves the others fully, refined writes every refined point;
+wherever the written point is not the refined one, the refined point stays as
+`refine_point`. With one model the json is as before and the report only measures the
 moves. The report ends with a warning when the refinement looks unreliable.
 
 Several processes share the images: --num-gpus N (CUDA, NCCL) or --num-gpus 0
@@ -43,7 +46,7 @@ import hashlib
 import os
 import sys
 
-from cli_args import launch_parser
+from cli_args import DEFAULT_KEEP_UNRELIABLE, KEEP_UNRELIABLE, launch_parser
 
 
 def parse_args(argv=None):
@@ -56,9 +59,11 @@ def parse_args(argv=None):
     parser.add_argument("--folds", type=int, default=1,
                         help="cross-fit over K image folds: train K CPRNets and refine each "
                              "image with the one that never saw it (default 1: MODEL.WEIGHTS)")
-    parser.add_argument("--keep-unreliable", choices=("coarse", "refined"), default=None,
-                        help="for points the fold models disagree on (--folds >= 2): keep the "
-                             "coarse point (the default) or write the refined one")
+    parser.add_argument("--keep-unreliable", choices=KEEP_UNRELIABLE, default=None,
+                        help="with --folds >= 2: move every point by the part of its move the "
+                             "other fold models reproduce (agreed, the default), keep the "
+                             "coarse point where they disagree by more than the move (coarse), "
+                             "or write every refined point (refined)")
     args = parser.parse_args(argv)
     if args.keep_unreliable and args.folds < 2:
         parser.error("--keep-unreliable needs --folds 2 or more: a point's reliability is the "
@@ -119,7 +124,7 @@ def main(args):
             MetadataCatalog.remove(name)
     if not comm.is_main_process():
         return None
-    keep = args.keep_unreliable or "coarse"
+    keep = args.keep_unreliable or DEFAULT_KEEP_UNRELIABLE
     if args.folds > 1:  # one model: no reliability, the json as without the report
         refined = apply_safe_mode(refined, keep)
     source, data, count = export_refined(source_json, refined, args.output)

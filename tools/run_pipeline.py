@@ -6,7 +6,7 @@ P2PNet on coarse, refined and true-centre points -> point AP on the test set -> 
         [--train-dataset forest] [--test-dataset forest_test]
         [--cpr-config configs/forest/cpr_R18_s8_r2_c128_4x192_limit.yaml] [--p2p-config configs/forest/p2p_R18_s8.yaml]
         [--cpr-iters N] [--p2p-iters N] [--iter-scale F] [--device cpu|cuda]
-        [--coarse-seed S] [--subset N] [--folds K [--keep-unreliable coarse|refined]]
+        [--coarse-seed S] [--subset N] [--folds K [--keep-unreliable agreed|coarse|refined]]
         [--force STAGE ...]
 
 Stages (each a subprocess of tools/train_net.py or tools/refine_export.py, its output
@@ -55,6 +55,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, _REPO)
 
+from cli_args import DEFAULT_KEEP_UNRELIABLE, KEEP_UNRELIABLE  # noqa: E402
+
 STAGES = ("data", "cpr", "refine", "p2p_coarse", "p2p_refined", "p2p_centres", "report")
 # stage -> the stages whose outputs it reads
 DEPENDS = {"cpr": ("data",), "refine": ("cpr",), "p2p_coarse": ("data",),
@@ -101,10 +103,11 @@ def build_parser():
                    help="cross-fitted refinement: train K CPRNets on K image folds and refine "
                         "each image with the one that never saw it (refine_export --folds; "
                         "default 1: the cpr stage's model refines)")
-    p.add_argument("--keep-unreliable", choices=("coarse", "refined"), default=None,
-                   help="with --folds K >= 2: keep the coarse point where the fold models "
-                        "disagree by more than the move (coarse, the default) or write every "
-                        "refined point (refine_export --keep-unreliable)")
+    p.add_argument("--keep-unreliable", choices=KEEP_UNRELIABLE, default=None,
+                   help="with --folds K >= 2: move every point by the part of its move the "
+                        "other fold models reproduce (agreed, the default), keep the coarse "
+                        "point where they disagree by more than the move (coarse), or write "
+                        "every refined point (refined); refine_export --keep-unreliable")
     p.add_argument("--subset", type=int, default=None,
                    help="use only the first N images of the training and test sets")
     p.add_argument("--quick", action="store_true",
@@ -306,7 +309,8 @@ class Run:
             "cpr_config": args.cpr_config, "p2p_config": args.p2p_config, "seed": args.seed,
             "coarse_seed": args.coarse_seed, "coarse_noise": args.coarse_noise,
             "subset": args.subset, "folds": args.folds,
-            "keep_unreliable": (args.keep_unreliable or "coarse") if args.folds > 1 else None,
+            "keep_unreliable": ((args.keep_unreliable or DEFAULT_KEEP_UNRELIABLE)
+                                if args.folds > 1 else None),
             "cpr_iters": self.cpr_iters,
             "p2p_iters": self.p2p_iters,
             "device": args.device, "quick": args.quick,

@@ -70,9 +70,9 @@ def refined_json(source, refined):
     `point` replaced by the refined point, plus `coarse_point` (the point it replaced)
     and `refine_score`; cross-fitted rows add `refine_fold` and `refine_disagreement`
     (pixels), rows of cpr_d2.engine.trust.apply_safe_mode `refine_reliability`,
-    `refine_reliable` and `refine_size` (the size estimated from the kept points). Where
-    safe mode kept the coarse point, `point` stays the coarse point and `refine_point`
-    holds the refined one. Every other field is kept; annotations without a refinement
+    `refine_reliable`, `refine_agreement` and `refine_size` (the size estimated from the
+    kept points). Where safe mode kept the coarse point, `point` stays the coarse point;
+    where it wrote any point but the refined one, `refine_point` holds the refined one. Every other field is kept; annotations without a refinement
     are left as they are. Returns (json dict, number of annotations refined)."""
     out = copy.deepcopy(source)
     count = 0
@@ -89,8 +89,9 @@ def refined_json(source, refined):
         if "reliability" in row:  # cpr_d2.engine.trust
             ann["refine_reliability"] = row["reliability"]
             ann["refine_reliable"] = row["reliable"]
+            ann["refine_agreement"] = row.get("agreement")
             ann["refine_size"] = row.get("size")
-        if row.get("kept_coarse"):
+        if "refine_point" in row:  # safe mode wrote another point than the refined one
             ann["refine_point"] = row["refine_point"]
         count += 1
     return out, count

@@ -20,26 +20,46 @@ The dataset-level estimate warns when the refinement as a whole cannot be truste
   trained on about a hundred objects was seen to move a third of the points away
   from their objects' centres).
 
-Safe mode (`--keep-unreliable coarse`) keeps the coarse point of every unreliable
-object; the refined point stays in the json as `refine_point`.
+The move agreement of an object is the share of its move that the models which saw
+its image reproduce: with s its move and o the mean move of those models (both from the
+coarse point),
+
+    agreement = clip(<o, s> / |s|^2, 0, 1)      (1 for an object whose point did not move)
+
+the projection of their move onto its own, as a fraction of its length.
+
+Safe mode, `--keep-unreliable`, decides what is written:
+
+* ``agreed`` (the default) moves every point by the agreed part of its move, coarse +
+  agreement * s: a move the other models reproduce stays whole, one they contradict is
+  undone, and the rest is shortened;
+* ``coarse`` keeps the coarse point of every unreliable object and moves the others
+  fully;
+* ``refined`` writes every refined point and only marks the unreliable ones.
+
+Wherever the written point is not the refined one, the refined point stays in the json
+as `refine_point`.
 """
 import numpy as np
 
 from cpr_d2.evaluation.semantic_variance import DEFAULT_SIZE_RANGES
 
 __all__ = [
+    "DEFAULT_KEEP_UNRELIABLE",
     "KEEP_UNRELIABLE",
     "MIN_TRAIN_OBJECTS",
     "RELIABLE_AT",
     "apply_safe_mode",
     "format_trust_report",
+    "move_agreement",
     "object_reliability",
     "trust_report",
 ]
 
 RELIABLE_AT = 0.5
 MIN_TRAIN_OBJECTS = 200
-KEEP_UNRELIABLE = ("coarse", "refined")
+KEEP_UNRELIABLE = ("agreed", "coarse", "refined")
+DEFAULT_KEEP_UNRELIABLE = "agreed"
 
 # The evaluator's finer size ranges, here of the size estimated from the kept points
 # (no true boxes): the ones that split the sizes into disjoint parts.
@@ -64,22 +84,50 @@ def object_reliability(row):
     return move / (move + float(disagreement))
 
 
-def apply_safe_mode(rows, keep_unreliable="coarse"):
-    """Rows with "reliability" and "reliable" (None where unknown) added; with
-    keep_unreliable "coarse", every unreliable object's point set back to its coarse
-    point ("refine_point" keeps the refined one, "kept_coarse" True). A new dict: the
-    input rows are not changed."""
+def move_agreement(row):
+    """The move agreement clip(<o, s> / |s|^2, 0, 1) of one refined object (module doc):
+    s its move, o the mean move of the models in its row's "other_points"
+    (combine_fold_rows). 1.0 when its point did not move, None without other models."""
+    coarse = np.asarray(row["coarse_point"], dtype=float)
+    move = np.asarray(row["point"], dtype=float) - coarse
+    length2 = float(move @ move)
+    if length2 == 0:
+        return 1.0
+    others = row.get("other_points")
+    if not others:
+        return None
+    other_move = np.mean(np.asarray(others, dtype=float), axis=0) - coarse
+    return float(np.clip(other_move @ move / length2, 0.0, 1.0))
+
+
+def apply_safe_mode(rows, keep_unreliable=DEFAULT_KEEP_UNRELIABLE):
+    """Rows with "reliability", "reliable" and "agreement" (None where unknown) added,
+    and the point to write set by `keep_unreliable` (module doc): "agreed" moves every
+    point by the agreed part of its move ("shortened" True where that is less than the
+    whole move and more than none), "coarse" sets every unreliable point back to its
+    coarse point. Where the point is set back to the coarse point, "kept_coarse" is True
+    and "refined" False; wherever it changes, "refine_point" keeps the refined one. A
+    new dict: the input rows are not changed."""
     if keep_unreliable not in KEEP_UNRELIABLE:
         raise ValueError(f"--keep-unreliable must be one of {', '.join(KEEP_UNRELIABLE)}, "
                          f"got {keep_unreliable!r}")
     out = {}
     for ann_id, row in rows.items():
         reliability = object_reliability(row)
-        row = {**row, "reliability": reliability,
+        agreement = move_agreement(row)
+        row = {**row, "reliability": reliability, "agreement": agreement,
                "reliable": None if reliability is None else reliability >= RELIABLE_AT}
         if keep_unreliable == "coarse" and row["reliable"] is False:
             row.update(refine_point=row["point"], point=list(row["coarse_point"]),
                        refined=False, kept_coarse=True)
+        elif keep_unreliable == "agreed" and agreement is not None and agreement < 1.0:
+            coarse = np.asarray(row["coarse_point"], dtype=float)
+            point = coarse + agreement * (np.asarray(row["point"], dtype=float) - coarse)
+            row.update(refine_point=row["point"])
+            if agreement == 0.0:
+                row.update(point=list(row["coarse_point"]), refined=False, kept_coarse=True)
+            else:
+                row.update(point=[float(v) for v in point], shortened=True)
         out[ann_id] = row
     return out
 
@@ -102,6 +150,7 @@ def _range_row(name, rows):
         "unreliable": len(unreliable) if judged else None,
         "unreliable %": 100.0 * len(unreliable) / len(judged) if judged else None,
         "kept coarse": sum(bool(r.get("kept_coarse")) for r in rows),
+        "shortened": sum(bool(r.get("shortened")) for r in rows),
     }
 
 
@@ -110,7 +159,7 @@ def _move_of(row):
     return _move({**row, "point": row.get("refine_point", row["point"])})
 
 
-def trust_report(rows, folds=1, train_objects=None, keep_unreliable="coarse"):
+def trust_report(rows, folds=1, train_objects=None, keep_unreliable=DEFAULT_KEEP_UNRELIABLE):
     """The trust report of apply_safe_mode's rows: a dict with "ranges" (a row per range
     of the estimated object size, "all" first, then "no kept points"), "moved",
     "unreliable share" (of the moved objects whose reliability is known), "warnings"
@@ -155,7 +204,7 @@ def trust_report(rows, folds=1, train_objects=None, keep_unreliable="coarse"):
                 f"use fewer folds (each fold model then sees more of them)")
     return {"folds": folds, "keep unreliable": keep_unreliable, "reliable at": RELIABLE_AT,
             "objects": total["objects"], "moved": total["moved"], "unreliable share": share,
-            "kept coarse": total["kept coarse"],
+            "kept coarse": total["kept coarse"], "shortened": total["shortened"],
             "fewest training objects": None if fewest is None else fewest[0],
             "ranges": ranges, "warnings": warnings, "notes": notes}
 
@@ -166,10 +215,15 @@ def format_trust_report(report):
 
     lines = ["trust in the refinement, per size estimated from the kept points (no true boxes):",
              markdown_table(report["ranges"])]
-    if report["keep unreliable"] is not None:
+    mode = report["keep unreliable"]
+    if mode == "agreed":
+        lines.append(f"each point moved by the part of its move that the fold models which saw "
+                     f"its image reproduce: {report['kept coarse']} kept their coarse point, "
+                     f"{report['shortened']} moved part of the way (--keep-unreliable agreed)")
+    elif mode is not None:
         lines.append(f"an object is unreliable when the fold models disagree by more than its "
                      f"move; {report['kept coarse']} unreliable objects kept their coarse point "
-                     f"(--keep-unreliable {report['keep unreliable']})")
+                     f"(--keep-unreliable {mode})")
     lines += ["note: " + n for n in report["notes"]]
     if report["warnings"]:
         lines += ["WARNING: " + w for w in report["warnings"]]

@@ -113,15 +113,22 @@ def test_refine_export_cross_fits_and_reuses_its_fold_models(tmp_path, capsys):
         assert ann["refine_fold"] == fold_of[file_of[ann["image_id"]]]
         assert ann["refine_disagreement"] >= 0
         row = rows[ann["id"]]
-        if row.get("kept_coarse"):  # safe mode: the coarse point stays, the refined beside
-            assert ann["point"] == ann["coarse_point"] and ann["refine_point"] == row["refine_point"]
-            assert ann["refine_reliable"] is False
-        else:
-            assert row["point"] == ann["point"] and "refine_point" not in ann
+        # Safe mode (agreed, the default): the point moved by the agreed share of the
+        # refined point's move; the refined point kept beside it where that is not all.
+        share = ann["refine_agreement"]
+        assert share == row["agreement"] and 0.0 <= share <= 1.0
+        full = ann.get("refine_point", ann["point"])
+        assert ann["point"] == pytest.approx(
+            [c + share * (p - c) for c, p in zip(ann["coarse_point"], full)])
+        assert ("refine_point" in ann) == (share < 1.0) and ann["point"] == row["point"]
         assert ann["refine_reliable"] == (ann["refine_reliability"] >= 0.5)
     trust = json.loads((tmp_path / "refined.trust.json").read_text())
     assert trust["folds"] == 2 and trust["objects"] == len(refined)
-    assert trust["kept coarse"] == sum("refine_point" in a for a in refined)
+    assert trust["keep unreliable"] == "agreed"
+    assert trust["kept coarse"] == sum("refine_point" in a and a["point"] == a["coarse_point"]
+                                       for a in refined)
+    assert trust["shortened"] == sum("refine_point" in a and a["point"] != a["coarse_point"]
+                                     for a in refined)
     printed = capsys.readouterr().out
     assert "refined" in printed and "trust in the refinement" in printed
     # Two tiles per fold model: far too few objects, and the tool says so last.

@@ -135,8 +135,8 @@ def test_folds_make_the_refine_stage_train_its_fold_models(tmp_path):
     # The fold models train with the cpr stage's schedule and seed.
     assert cmd[cmd.index("SOLVER.MAX_ITER") + 1] == "2" and cmd[cmd.index("SEED") + 1] == "0"
     assert run.settings["folds"] == 3
-    assert cmd[cmd.index("--keep-unreliable") + 1] == "coarse"  # safe mode by default
-    assert run.settings["keep_unreliable"] == "coarse"
+    assert cmd[cmd.index("--keep-unreliable") + 1] == "agreed"  # safe mode by default
+    assert run.settings["keep_unreliable"] == "agreed"
     _, every = refine_command(tmp_path / "every", "--folds", "2", "--keep-unreliable", "refined")
     assert every[every.index("--keep-unreliable") + 1] == "refined"
     with pytest.raises(SystemExit):

@@ -62,6 +62,10 @@ def test_written_out_defaults_equal_the_package_constants():
     from cpr_d2.evaluation.semantic_variance import DEFAULT_SIZE_RANGES
 
     assert load_tool("cli_args").BACKENDS == BACKENDS
+    from cpr_d2.engine import trust
+
+    assert load_tool("cli_args").KEEP_UNRELIABLE == trust.KEEP_UNRELIABLE
+    assert load_tool("cli_args").DEFAULT_KEEP_UNRELIABLE == trust.DEFAULT_KEEP_UNRELIABLE
     ranges = load_tool("semantic_variance").parse_ranges(
         load_tool("semantic_variance").DEFAULT_RANGES)
     assert ranges == tuple(DEFAULT_SIZE_RANGES)

@@ -7,7 +7,7 @@ import pytest
 from cpr_d2.engine.crossfit import combine_fold_rows, training_objects
 from cpr_d2.engine.refine import refined_json
 from cpr_d2.engine.trust import (MIN_TRAIN_OBJECTS, apply_safe_mode, format_trust_report,
-                                 object_reliability, trust_report)
+                                 move_agreement, object_reliability, trust_report)
 
 
 def fold_rows(points_unseen, points_seen, coarse=(20.0, 20.0), size=30.0):
@@ -101,7 +101,7 @@ def test_the_report_counts_per_estimated_size_and_objects_without_kept_points():
         3: {"point": [6.0, 8.0], "coarse_point": [0.0, 0.0], "size": 40.0, "num_kept": 20,
             "disagreement": 20.0, "refined": True},
     }
-    report = trust_report(apply_safe_mode(rows), folds=2)
+    report = trust_report(apply_safe_mode(rows, "coarse"), folds=2, keep_unreliable="coarse")
     by_name = {r["size range"]: r for r in report["ranges"]}
     assert by_name["all"]["objects"] == 3 and by_name["all"]["moved"] == 2
     assert by_name["<12 px"]["objects"] == 1 and by_name["<12 px"]["unreliable"] == 0
@@ -153,5 +153,73 @@ def test_training_objects_count_the_other_folds_annotations():
 
 
 def test_a_bad_safe_mode_is_refused():
-    with pytest.raises(ValueError, match="--keep-unreliable must be one of coarse, refined"):
+    with pytest.raises(ValueError, match="--keep-unreliable must be one of agreed, coarse, refined"):
         apply_safe_mode({}, "drop")
+
+
+def test_the_move_agreement_is_the_share_of_the_move_the_other_models_reproduce():
+    def agreement(*others, point=(30.0, 20.0)):  # a 10 px move to the right
+        return move_agreement({"coarse_point": [20.0, 20.0], "point": list(point),
+                               "other_points": [list(o) for o in others]})
+
+    assert agreement((25.0, 20.0)) == pytest.approx(0.5)
+    assert agreement((25.0, 27.0)) == pytest.approx(0.5)  # the sideways part counts nothing
+    assert agreement((40.0, 20.0)) == 1.0  # further the same way: the whole move, no more
+    assert agreement((17.0, 20.0)) == 0.0  # the other way: none of it
+    assert agreement((20.0, 29.0)) == 0.0  # at right angles: none of it
+    assert agreement((24.0, 20.0), (32.0, 20.0)) == pytest.approx(0.8)  # their mean move
+    assert agreement((3.0, 3.0), point=(20.0, 20.0)) == 1.0  # not moved
+    assert move_agreement({"coarse_point": [1.0, 1.0], "point": [2.0, 1.0]}) is None
+    assert agreement() is None
+
+
+def agreed_rows(n, seed):
+    """random_rows with a second model's point: the same move scaled by a factor in
+    [-1, 2] plus noise, or (one in ten) exactly the same point."""
+    rng = random.Random(seed + 100)
+    rows = random_rows(n, seed)
+    for r in rows.values():
+        coarse, point = r["coarse_point"], r["point"]
+        if rng.random() < 0.1:
+            r["other_points"] = [list(point)]
+            continue
+        scale = rng.uniform(-1, 2)
+        r["other_points"] = [[c + scale * (p - c) + rng.gauss(0, 1) for c, p in zip(coarse, point)]]
+    return rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_agreed_mode_moves_every_point_by_its_agreed_share(seed):
+    rows = agreed_rows(200, seed)
+    out = apply_safe_mode(rows)  # the default mode
+    shares = {k: move_agreement(r) for k, r in rows.items()}
+    assert min(shares.values()) == 0.0 and max(shares.values()) == 1.0
+    assert 0 < sum(0 < a < 1 for a in shares.values()) < len(rows)
+    for k, r in out.items():
+        a = shares[k]
+        assert r["agreement"] == a
+        expected = [c + a * (p - c) for c, p in zip(rows[k]["coarse_point"], rows[k]["point"])]
+        assert r["point"] == pytest.approx(expected, abs=1e-9)
+        assert bool(r.get("kept_coarse")) == (a == 0.0 and rows[k]["point"] != rows[k]["coarse_point"])
+        assert bool(r.get("shortened")) == (0.0 < a < 1.0)
+        if a < 1.0:
+            assert r["refine_point"] == rows[k]["point"]
+        else:
+            assert "refine_point" not in r and r["point"] == rows[k]["point"]
+        # The reliability is the same whatever the mode.
+        assert r["reliable"] == apply_safe_mode({k: rows[k]}, "refined")[k]["reliable"]
+    assert rows[0]["point"] == random_rows(200, seed)[0]["point"]  # the input is kept
+
+    source = {"images": [], "annotations": [
+        {"id": k, "image_id": 1, "point": list(r["coarse_point"])} for k, r in rows.items()]}
+    data, _ = refined_json(source, out)
+    for ann in data["annotations"]:
+        r = out[ann["id"]]
+        assert ann["point"] == r["point"] and ann["refine_agreement"] == r["agreement"]
+        assert ("refine_point" in ann) == (r["agreement"] < 1.0)
+
+    report = trust_report(out, folds=2)
+    assert report["keep unreliable"] == "agreed"
+    assert report["kept coarse"] == sum(bool(r.get("kept_coarse")) for r in out.values()) > 0
+    assert report["shortened"] == sum(0 < a < 1 for a in shares.values())
+    assert f"{report['shortened']} moved part of the way" in format_trust_report(report)
