@@ -49,7 +49,8 @@ def variants(data):
     """(coarse, refined, safe, agreed) jsons: the coarse points, every refined point, the
     refined points with the coarse point kept where refine_reliable is False
     (--keep-unreliable coarse), and every point moved by refine_agreement of its move
-    (--keep-unreliable agreed), whichever mode wrote `data`."""
+    (--keep-unreliable agreed), whichever mode wrote `data`; in both safe modes the
+    annotations marked refine_distrusted keep their coarse points."""
     out = [copy.deepcopy(data) for _ in range(4)]
     for coarse, refined, safe, agreed in zip(*(d["annotations"] for d in out)):
         if "coarse_point" not in coarse:
@@ -58,9 +59,12 @@ def variants(data):
         point = coarse.get("refine_point", coarse["point"])
         coarse["point"] = coarse["coarse_point"]
         refined["point"] = point
-        safe["point"] = coarse["coarse_point"] if coarse.get("refine_reliable") is False else point
+        # A class a dataset-level warning distrusts keeps its coarse points in both safe modes.
+        distrusted = bool(coarse.get("refine_distrusted"))
+        safe["point"] = (coarse["coarse_point"] if distrusted or coarse.get("refine_reliable")
+                         is False else point)
         share = coarse.get("refine_agreement")
-        share = 1.0 if share is None else share
+        share = 0.0 if distrusted else 1.0 if share is None else share
         agreed["point"] = (start + share * (np.asarray(point, float) - start)).tolist()
     return out
 

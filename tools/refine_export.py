@@ -80,7 +80,7 @@ def main(args):
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.utils import comm
 
-    from cpr_d2.data import dataset_files, register_point_coco
+    from cpr_d2.data import dataset_files, read_json, register_point_coco
     from cpr_d2.engine import Trainer, load_inference_weights, setup_cfg
     from cpr_d2.engine.crossfit import crossfit_refine, image_folds, training_objects
     from cpr_d2.engine.trust import apply_safe_mode, format_trust_report, trust_report
@@ -125,8 +125,12 @@ def main(args):
     if not comm.is_main_process():
         return None
     keep = args.keep_unreliable or DEFAULT_KEEP_UNRELIABLE
+    trained = class_of = None
     if args.folds > 1:  # one model: no reliability, the json as without the report
-        refined = apply_safe_mode(refined, keep)
+        source = read_json(source_json, "point json")
+        trained = training_objects(source, image_folds(source.get("images", []), args.folds))
+        class_of = {a.get("id"): a.get("category_id") for a in source.get("annotations", [])}
+        refined = apply_safe_mode(refined, keep, trained, class_of)
     source, data, count = export_refined(source_json, refined, args.output)
     moved = sum(r["refined"] for r in refined.values())
     print(f"refined {count} of {len(source.get('annotations', []))} annotations "
@@ -135,10 +139,8 @@ def main(args):
         print(format_comparison(compare_point_jsons(source, data), names=("coarse", "refined")))
     except ValueError as e:  # no true boxes: nothing to compare
         print(f"semantic variance not measured: {e}")
-    trained = None
-    if args.folds > 1:
-        trained = training_objects(source, image_folds(source.get("images", []), args.folds))
-    report = trust_report(refined, args.folds, trained, keep if args.folds > 1 else None)
+    report = trust_report(refined, args.folds, trained, keep if args.folds > 1 else None,
+                          class_of)
     write_json_atomic(report, report_file, indent=1)
     # Last, so that the warnings are what the user reads when the tool ends.
     print(format_trust_report(report))

@@ -13,10 +13,11 @@ different images disagree about its point by more than the refinement moved it: 
 move is then no larger than the models' own noise. The rule has no constant fitted to
 any dataset; it needs at least two fold models (refine_export --folds K, K >= 2).
 
-The dataset-level estimate warns when the refinement as a whole cannot be trusted:
+The dataset-level estimate warns, per class, when its refinement as a whole cannot be
+trusted:
 
-* more than half of the moved objects are unreliable (the move is mostly noise), or
-* a fold model trained on fewer than MIN_TRAIN_OBJECTS objects of a class (CPRNet
+* more than half of its moved objects are unreliable (the move is mostly noise), or
+* a fold model trained on fewer than MIN_TRAIN_OBJECTS objects of the class (CPRNet
   trained on about a hundred objects was seen to move a third of the points away
   from their objects' centres).
 
@@ -37,6 +38,12 @@ Safe mode, `--keep-unreliable`, decides what is written:
   fully;
 * ``refined`` writes every refined point and only marks the unreliable ones.
 
+When a dataset-level warning distrusts a class (too little data for it, or most of its
+moved points unreliable), the ``agreed`` and ``coarse`` modes keep the coarse point of
+every object of that class ("distrusted" in its row): the tool has just said that it
+cannot tell good moves from bad ones there, and a point left alone is never made worse.
+``refined`` writes them all.
+
 Wherever the written point is not the refined one, the refined point stays in the json
 as `refine_point`.
 """
@@ -50,6 +57,7 @@ __all__ = [
     "MIN_TRAIN_OBJECTS",
     "RELIABLE_AT",
     "apply_safe_mode",
+    "dataset_warnings",
     "format_trust_report",
     "move_agreement",
     "object_reliability",
@@ -100,24 +108,42 @@ def move_agreement(row):
     return float(np.clip(other_move @ move / length2, 0.0, 1.0))
 
 
-def apply_safe_mode(rows, keep_unreliable=DEFAULT_KEEP_UNRELIABLE):
+def apply_safe_mode(rows, keep_unreliable=DEFAULT_KEEP_UNRELIABLE, train_objects=None,
+                    class_of=None):
     """Rows with "reliability", "reliable" and "agreement" (None where unknown) added,
     and the point to write set by `keep_unreliable` (module doc): "agreed" moves every
     point by the agreed part of its move ("shortened" True where that is less than the
     whole move and more than none), "coarse" sets every unreliable point back to its
-    coarse point. Where the point is set back to the coarse point, "kept_coarse" is True
-    and "refined" False; wherever it changes, "refine_point" keeps the refined one. A
-    new dict: the input rows are not changed."""
+    coarse point. In both, the objects of a class that a dataset-level warning
+    distrusts (dataset_warnings, from `train_objects` and `class_of`, {annotation id:
+    category id}; without `class_of`, any such warning distrusts every object) keep
+    their coarse points ("distrusted" True). Where the point is set
+    back to the coarse point, "kept_coarse" is True and "refined" False; wherever it
+    changes, "refine_point" keeps the refined one. A new dict: the input rows are not
+    changed."""
     if keep_unreliable not in KEEP_UNRELIABLE:
         raise ValueError(f"--keep-unreliable must be one of {', '.join(KEEP_UNRELIABLE)}, "
                          f"got {keep_unreliable!r}")
-    out = {}
+    judged = {}
     for ann_id, row in rows.items():
         reliability = object_reliability(row)
-        agreement = move_agreement(row)
-        row = {**row, "reliability": reliability, "agreement": agreement,
-               "reliable": None if reliability is None else reliability >= RELIABLE_AT}
-        if keep_unreliable == "coarse" and row["reliable"] is False:
+        judged[ann_id] = {**row, "reliability": reliability, "agreement": move_agreement(row),
+                          "reliable": None if reliability is None else reliability >= RELIABLE_AT}
+    distrusted = set()
+    if keep_unreliable != "refined":
+        for classes, _ in dataset_warnings(judged, train_objects, class_of):
+            distrusted |= classes
+    if class_of is None:  # the classes are not known: a warning about one is about all
+        class_of, distrusted = {}, {None} if distrusted else set()
+    out = {}
+    for ann_id, row in judged.items():
+        agreement = row["agreement"]
+        if class_of.get(ann_id) in distrusted:
+            row["distrusted"] = True
+            if _move(row) > 0:
+                row.update(refine_point=row["point"], point=list(row["coarse_point"]),
+                           refined=False, kept_coarse=True)
+        elif keep_unreliable == "coarse" and row["reliable"] is False:
             row.update(refine_point=row["point"], point=list(row["coarse_point"]),
                        refined=False, kept_coarse=True)
         elif keep_unreliable == "agreed" and agreement is not None and agreement < 1.0:
@@ -159,12 +185,78 @@ def _move_of(row):
     return _move({**row, "point": row.get("refine_point", row["point"])})
 
 
-def trust_report(rows, folds=1, train_objects=None, keep_unreliable=DEFAULT_KEEP_UNRELIABLE):
+def _unreliable_share(rows):
+    """The share of the moved rows whose reliability is known that are unreliable (None
+    when there is none)."""
+    judged = [r for r in rows if _move_of(r) > 0 and r.get("reliable") is not None]
+    return sum(not r["reliable"] for r in judged) / len(judged) if judged else None
+
+
+def _fewest(train_objects):
+    """(objects, fold, class) of the fold model that trained on the fewest objects of a
+    class; a fold model whose training images hold no object counts as (0, fold, None)."""
+    return min([(n, fold, c) for fold, per_class in train_objects.items()
+                for c, n in per_class.items()]
+               + [(0, fold, None) for fold, per_class in train_objects.items()
+                  if not any(per_class.values())])
+
+
+def dataset_warnings(rows, train_objects=None, class_of=None):
+    """The dataset-level warnings (module doc) of rows with "reliable" set
+    (apply_safe_mode's): a list of (classes, sentence), `classes` the set of category ids
+    whose points the warning distrusts. Per class (`class_of`, {annotation id: category
+    id}; without it every row is of class None): more than half of its moved points
+    unreliable, or a trained fold model that saw fewer than MIN_TRAIN_OBJECTS objects of
+    it (none at all counts). A fold model with no objects at all to train on is warned
+    of too, and distrusts nothing: the objects of its images were not moved."""
+    class_of = class_of or {}
+    by_class = {}
+    for ann_id, row in rows.items():
+        by_class.setdefault(class_of.get(ann_id), []).append(row)
+    out = []
+    for c in sorted(by_class, key=str):
+        share = _unreliable_share(by_class[c])
+        if share is not None and share > 0.5:
+            of = "" if c is None else f" of class {c}"
+            out.append(({c}, (
+                f"the refinement looks unreliable: for {100 * share:.0f}% of the moved points"
+                f"{of}, models trained on different images disagree by more than the "
+                f"refinement moved them. Annotate more images, train CPRNet with a smaller "
+                f"MODEL.CPR.RADIUS, or keep the coarse points (what --keep-unreliable agreed "
+                f"and --keep-unreliable coarse do for these objects)")))
+    if not train_objects:
+        return out
+    trained = {fold: per_class for fold, per_class in train_objects.items()
+               if any(per_class.values())}
+    for fold, per_class in train_objects.items():
+        if fold not in trained:
+            out.append((set(), (
+                f"too little data: fold model {fold} had no objects to train on (its "
+                f"training images hold none), so the objects of its own images keep their "
+                f"coarse points. Annotate more images, or use fewer folds")))
+    classes = set().union(*(per_class for per_class in trained.values()))
+    for c in sorted(classes, key=str):
+        n, fold = min((per_class.get(c, 0), fold) for fold, per_class in trained.items())
+        if n < MIN_TRAIN_OBJECTS:
+            out.append(({c}, (
+                f"too little data: fold model {fold} trained on only {n} objects of class {c} "
+                f"(fewer than {MIN_TRAIN_OBJECTS}); CPRNet trained on so few objects can move "
+                f"points away from their objects. Annotate more images, or use fewer folds "
+                f"(each fold model then sees more of them)")))
+    return out
+
+
+def trust_report(rows, folds=1, train_objects=None, keep_unreliable=DEFAULT_KEEP_UNRELIABLE,
+                 class_of=None):
     """The trust report of apply_safe_mode's rows: a dict with "ranges" (a row per range
     of the estimated object size, "all" first, then "no kept points"), "moved",
     "unreliable share" (of the moved objects whose reliability is known), "warnings"
-    (sentences for a practitioner, empty when the refinement looks trustworthy), "notes"
-    and the settings. train_objects: {fold: {class: objects}} the fold models trained on."""
+    (sentences for a practitioner, empty when the refinement looks trustworthy; see
+    dataset_warnings), "distrusted" (the objects of the classes they distrust), "notes"
+    and the settings. train_objects: {fold: {class: objects}} the fold models trained on;
+    class_of: {annotation id: category id}."""
+    warnings = [sentence for _, sentence in dataset_warnings(rows, train_objects, class_of)]
+    distrusted = sum(bool(r.get("distrusted")) for r in rows.values())
     rows = list(rows.values())
     ranges = [_range_row("all", rows)]
     for name, lo, hi in _SIZE_RANGES:
@@ -173,38 +265,16 @@ def trust_report(rows, folds=1, train_objects=None, keep_unreliable=DEFAULT_KEEP
     ranges.append(_range_row("no kept points", [r for r in rows if r.get("num_kept", 1) == 0]))
     total = ranges[0]
     share = total["unreliable %"] / 100.0 if total["unreliable %"] is not None else None
-    warnings, notes = [], []
+    notes = []
     if folds < 2:
         notes.append(
             "the reliability of each point is not known with one model: rerun with --folds 2 "
             "(or more) to measure it and to keep the coarse points the models disagree on")
-    if share is not None and share > 0.5:
-        warnings.append(
-            f"the refinement looks unreliable: for {100 * share:.0f}% of the moved points, models "
-            f"trained on different images disagree by more than the refinement moved them. "
-            f"Annotate more images, train CPRNet with a smaller MODEL.CPR.RADIUS, or keep the "
-            f"coarse points (--keep-unreliable coarse)")
-    fewest = None
-    if train_objects:
-        # A fold model whose training images hold no object at all counts as 0 objects.
-        fewest = min([(n, fold, c) for fold, per_class in train_objects.items()
-                      for c, n in per_class.items()]
-                     + [(0, fold, None) for fold, per_class in train_objects.items()
-                        if not any(per_class.values())])
-        if fewest[2] is None:
-            warnings.append(
-                f"too little data: fold model {fewest[1]} had no objects to train on (its "
-                f"training images hold none), so the objects of its own images keep their "
-                f"coarse points. Annotate more images, or use fewer folds")
-        elif fewest[0] < MIN_TRAIN_OBJECTS:
-            warnings.append(
-                f"too little data: fold model {fewest[1]} trained on only {fewest[0]} objects of "
-                f"class {fewest[2]} (fewer than {MIN_TRAIN_OBJECTS}); CPRNet trained on so few "
-                f"objects can move points away from their objects. Annotate more images, or "
-                f"use fewer folds (each fold model then sees more of them)")
+    fewest = _fewest(train_objects) if train_objects else None
     return {"folds": folds, "keep unreliable": keep_unreliable, "reliable at": RELIABLE_AT,
             "objects": total["objects"], "moved": total["moved"], "unreliable share": share,
             "kept coarse": total["kept coarse"], "shortened": total["shortened"],
+            "distrusted": distrusted,
             "fewest training objects": None if fewest is None else fewest[0],
             "ranges": ranges, "warnings": warnings, "notes": notes}
 
@@ -227,6 +297,11 @@ def format_trust_report(report):
     lines += ["note: " + n for n in report["notes"]]
     if report["warnings"]:
         lines += ["WARNING: " + w for w in report["warnings"]]
+        if mode in ("agreed", "coarse"):
+            lines.append(
+                f"safe mode kept the coarse point of each of the {report.get('distrusted', 0)} "
+                f"objects of the classes these warnings distrust (their refined points are in "
+                f"the json as refine_point; --keep-unreliable refined writes them)")
     elif report["folds"] >= 2:
         lines.append("no warning: the fold models agree on most moved points")
     return "\n".join(lines)

@@ -82,10 +82,10 @@ def small_json(path, count=4):
     return str(path), root, data
 
 
-def run_refine(tmp_path, source, root, output, folds, *extra):
+def run_refine(tmp_path, source, root, output, folds, *extra, flags=()):
     tool = load_tool("refine_export")
     args = tool.parse_args(["--config-file", CONFIG, "--json", source, "--image-root", root,
-                            "--output", str(output), "--folds", str(folds),
+                            "--output", str(output), "--folds", str(folds), *flags,
                             "OUTPUT_DIR", str(tmp_path / "run"), *FAST, *extra])
     return tool.main(args)
 
@@ -113,27 +113,32 @@ def test_refine_export_cross_fits_and_reuses_its_fold_models(tmp_path, capsys):
         assert ann["refine_fold"] == fold_of[file_of[ann["image_id"]]]
         assert ann["refine_disagreement"] >= 0
         row = rows[ann["id"]]
-        # Safe mode (agreed, the default): the point moved by the agreed share of the
-        # refined point's move; the refined point kept beside it where that is not all.
-        share = ann["refine_agreement"]
-        assert share == row["agreement"] and 0.0 <= share <= 1.0
-        full = ann.get("refine_point", ann["point"])
-        assert ann["point"] == pytest.approx(
-            [c + share * (p - c) for c, p in zip(ann["coarse_point"], full)])
-        assert ("refine_point" in ann) == (share < 1.0) and ann["point"] == row["point"]
+        assert 0.0 <= ann["refine_agreement"] == row["agreement"] <= 1.0
         assert ann["refine_reliable"] == (ann["refine_reliability"] >= 0.5)
+        # Two tiles per fold model: far too few trees, so safe mode (agreed, the default)
+        # keeps every coarse point, with the refined one beside it where it moved.
+        assert ann["refine_distrusted"] is True
+        assert ann["point"] == pytest.approx(ann["coarse_point"]) == row["point"]
+        assert ("refine_point" in ann) == bool(row.get("kept_coarse"))
     trust = json.loads((tmp_path / "refined.trust.json").read_text())
     assert trust["folds"] == 2 and trust["objects"] == len(refined)
-    assert trust["keep unreliable"] == "agreed"
-    assert trust["kept coarse"] == sum("refine_point" in a and a["point"] == a["coarse_point"]
-                                       for a in refined)
-    assert trust["shortened"] == sum("refine_point" in a and a["point"] != a["coarse_point"]
-                                     for a in refined)
+    assert trust["keep unreliable"] == "agreed" and trust["distrusted"] == len(refined)
+    assert trust["kept coarse"] == sum("refine_point" in a for a in refined)
     printed = capsys.readouterr().out
     assert "refined" in printed and "trust in the refinement" in printed
-    # Two tiles per fold model: far too few objects, and the tool says so last.
+    # The tool says why, last.
     assert trust["fewest training objects"] < 200
     assert "WARNING: too little data: fold model" in printed
+    assert f"safe mode kept the coarse point of each of the {len(refined)} objects" in printed
+
+    # --keep-unreliable refined writes the refined points the safe mode kept aside.
+    written = run_refine(tmp_path, source, root, tmp_path / "all.json", 2,
+                         flags=("--keep-unreliable", "refined"))
+    every = {a["id"]: a for a in json.loads((tmp_path / "all.json").read_text())["annotations"]}
+    for ann in refined:
+        assert every[ann["id"]]["point"] == ann.get("refine_point", ann["point"])
+        assert "refine_distrusted" not in every[ann["id"]]
+        assert written[ann["id"]]["point"] == every[ann["id"]]["point"]
 
     # A rerun trains nothing: the fold models are reused.
     stamps = [os.path.getmtime(work / f"fold_{k}" / "model_final.pth") for k in range(2)]

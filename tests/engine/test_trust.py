@@ -6,7 +6,8 @@ import pytest
 
 from cpr_d2.engine.crossfit import combine_fold_rows, training_objects
 from cpr_d2.engine.refine import refined_json
-from cpr_d2.engine.trust import (MIN_TRAIN_OBJECTS, apply_safe_mode, format_trust_report,
+from cpr_d2.engine.trust import (MIN_TRAIN_OBJECTS, apply_safe_mode, dataset_warnings,
+                                 format_trust_report,
                                  move_agreement, object_reliability, trust_report)
 
 
@@ -223,3 +224,77 @@ def test_agreed_mode_moves_every_point_by_its_agreed_share(seed):
     assert report["kept coarse"] == sum(bool(r.get("kept_coarse")) for r in out.values()) > 0
     assert report["shortened"] == sum(0 < a < 1 for a in shares.values())
     assert f"{report['shortened']} moved part of the way" in format_trust_report(report)
+
+
+def two_class_rows(seed):
+    """agreed_rows whose even annotation ids are of class 1 and odd ones of class 2."""
+    rows = agreed_rows(200, seed)
+    return rows, {k: 1 + k % 2 for k in rows}
+
+
+@pytest.mark.parametrize("mode", ["agreed", "coarse"])
+def test_safe_mode_keeps_the_coarse_points_of_a_class_with_too_little_data(mode):
+    rows, class_of = two_class_rows(3)
+    # Fold model 1 trained on too few objects of class 2; class 1 has enough everywhere.
+    trained = {0: {1: 5 * MIN_TRAIN_OBJECTS, 2: 5 * MIN_TRAIN_OBJECTS},
+               1: {1: MIN_TRAIN_OBJECTS, 2: MIN_TRAIN_OBJECTS - 1}}
+    out = apply_safe_mode(rows, mode, trained, class_of)
+    plain = apply_safe_mode(rows, mode)  # without the dataset-level verdict
+    for k, r in out.items():
+        if class_of[k] == 1:  # untouched by the warning
+            assert r == plain[k] and "distrusted" not in r
+            continue
+        assert r["distrusted"] is True and r["point"] == rows[k]["coarse_point"]
+        moved = rows[k]["point"] != rows[k]["coarse_point"]
+        assert bool(r.get("kept_coarse")) == moved
+        if moved:
+            assert r["refined"] is False and r["refine_point"] == rows[k]["point"]
+        # What is measured of the object is the same: only what is written changes.
+        assert r["reliable"] == plain[k]["reliable"] and r["agreement"] == plain[k]["agreement"]
+    # Without the classes, the warning about one is about every object.
+    assert all(r["distrusted"] for r in apply_safe_mode(rows, mode, trained).values())
+    distrusted = sum(class_of[k] == 2 for k in rows)
+    report = trust_report(out, 2, trained, mode, class_of)
+    assert report["distrusted"] == distrusted
+    assert len(report["warnings"]) == 1
+    assert "fold model 1 trained on only 199 objects of class 2" in report["warnings"][0]
+    text = format_trust_report(report)
+    assert f"safe mode kept the coarse point of each of the {distrusted} objects" in text
+    # The json says which ones, and keeps the refined point.
+    source = {"images": [], "annotations": [
+        {"id": k, "image_id": 1, "category_id": class_of[k], "point": list(r["coarse_point"])}
+        for k, r in rows.items()]}
+    data, _ = refined_json(source, out)
+    for ann in data["annotations"]:
+        assert ann.get("refine_distrusted", False) is (class_of[ann["id"]] == 2)
+        if ann.get("refine_distrusted"):
+            assert ann["point"] == ann["coarse_point"]
+
+
+def test_refined_mode_writes_every_point_of_a_distrusted_class():
+    rows, class_of = two_class_rows(4)
+    trained = {0: {1: 10, 2: 10}, 1: {1: 10, 2: 10}}
+    out = apply_safe_mode(rows, "refined", trained, class_of)
+    assert all(r["point"] == rows[k]["point"] and "distrusted" not in r for k, r in out.items())
+    report = trust_report(out, 2, trained, "refined", class_of)
+    assert len(report["warnings"]) == 2 and report["distrusted"] == 0
+    assert "safe mode kept" not in format_trust_report(report)
+
+
+def test_the_unreliable_share_is_judged_per_class():
+    rows, class_of = two_class_rows(5)
+    for k, r in rows.items():  # for two thirds of class 2, by far more than any move
+        far = class_of[k] == 2 and k % 3 != 0
+        r["disagreement"] = 3 * r["disagreement"] + 20.0 if far else 0.0
+    out = apply_safe_mode(rows, "agreed", None, class_of)
+    assert {class_of[k] for k, r in out.items() if r.get("distrusted")} == {2}
+    report = trust_report(out, 2, None, "agreed", class_of)
+    assert len(report["warnings"]) == 1
+    assert "of the moved points of class 2" in report["warnings"][0]
+    # Pooled, the share is under one half: the classes together would raise no warning.
+    assert report["unreliable share"] < 0.5
+    assert dataset_warnings(out) == []
+    # A class that a trained fold model never saw counts as none seen.
+    unseen = {0: {1: 500}, 1: {1: 500, 2: 500}}
+    warnings = [w for _, w in dataset_warnings(apply_safe_mode(rows, "refined"), unseen)]
+    assert any("fold model 0 trained on only 0 objects of class 2" in w for w in warnings)
