@@ -252,11 +252,12 @@ def trust_report(rows, folds=1, train_objects=None, keep_unreliable=DEFAULT_KEEP
     of the estimated object size, "all" first, then "no kept points"), "moved",
     "unreliable share" (of the moved objects whose reliability is known), "warnings"
     (sentences for a practitioner, empty when the refinement looks trustworthy; see
-    dataset_warnings), "distrusted" (the objects of the classes they distrust), "notes"
+    dataset_warnings), "distrusted" (the objects of the classes they distrust) and
+    "distrusted moved" (those of them the refinement moved), "notes"
     and the settings. train_objects: {fold: {class: objects}} the fold models trained on;
     class_of: {annotation id: category id}."""
     warnings = [sentence for _, sentence in dataset_warnings(rows, train_objects, class_of)]
-    distrusted = sum(bool(r.get("distrusted")) for r in rows.values())
+    distrusted = [r for r in rows.values() if r.get("distrusted")]
     rows = list(rows.values())
     ranges = [_range_row("all", rows)]
     for name, lo, hi in _SIZE_RANGES:
@@ -274,7 +275,8 @@ def trust_report(rows, folds=1, train_objects=None, keep_unreliable=DEFAULT_KEEP
     return {"folds": folds, "keep unreliable": keep_unreliable, "reliable at": RELIABLE_AT,
             "objects": total["objects"], "moved": total["moved"], "unreliable share": share,
             "kept coarse": total["kept coarse"], "shortened": total["shortened"],
-            "distrusted": distrusted,
+            "distrusted": len(distrusted),
+            "distrusted moved": sum(_move_of(r) > 0 for r in distrusted),
             "fewest training objects": None if fewest is None else fewest[0],
             "ranges": ranges, "warnings": warnings, "notes": notes}
 
@@ -299,9 +301,10 @@ def format_trust_report(report):
         lines += ["WARNING: " + w for w in report["warnings"]]
         if mode in ("agreed", "coarse"):
             lines.append(
-                f"safe mode kept the coarse point of each of the {report.get('distrusted', 0)} "
-                f"objects of the classes these warnings distrust (their refined points are in "
-                f"the json as refine_point; --keep-unreliable refined writes them)")
+                f"safe mode left the {report.get('distrusted', 0)} objects of the classes these "
+                f"warnings distrust at their coarse points ({report.get('distrusted moved', 0)} "
+                f"of them were moved by the refinement: their refined points are in the json "
+                f"as refine_point; --keep-unreliable refined writes them)")
     elif report["folds"] >= 2:
         lines.append("no warning: the fold models agree on most moved points")
     return "\n".join(lines)

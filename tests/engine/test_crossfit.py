@@ -129,7 +129,7 @@ def test_refine_export_cross_fits_and_reuses_its_fold_models(tmp_path, capsys):
     # The tool says why, last.
     assert trust["fewest training objects"] < 200
     assert "WARNING: too little data: fold model" in printed
-    assert f"safe mode kept the coarse point of each of the {len(refined)} objects" in printed
+    assert f"safe mode left the {len(refined)} objects of the classes" in printed
 
     # --keep-unreliable refined writes the refined points the safe mode kept aside.
     written = run_refine(tmp_path, source, root, tmp_path / "all.json", 2,

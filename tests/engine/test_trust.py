@@ -256,10 +256,13 @@ def test_safe_mode_keeps_the_coarse_points_of_a_class_with_too_little_data(mode)
     distrusted = sum(class_of[k] == 2 for k in rows)
     report = trust_report(out, 2, trained, mode, class_of)
     assert report["distrusted"] == distrusted
+    moved = sum(class_of[k] == 2 and r["point"] != r["coarse_point"] for k, r in rows.items())
+    assert 0 < report["distrusted moved"] == moved < distrusted
     assert len(report["warnings"]) == 1
     assert "fold model 1 trained on only 199 objects of class 2" in report["warnings"][0]
     text = format_trust_report(report)
-    assert f"safe mode kept the coarse point of each of the {distrusted} objects" in text
+    assert (f"safe mode left the {distrusted} objects of the classes these warnings distrust "
+            f"at their coarse points ({moved} of them were moved") in text
     # The json says which ones, and keeps the refined point.
     source = {"images": [], "annotations": [
         {"id": k, "image_id": 1, "category_id": class_of[k], "point": list(r["coarse_point"])}
@@ -278,7 +281,7 @@ def test_refined_mode_writes_every_point_of_a_distrusted_class():
     assert all(r["point"] == rows[k]["point"] and "distrusted" not in r for k, r in out.items())
     report = trust_report(out, 2, trained, "refined", class_of)
     assert len(report["warnings"]) == 2 and report["distrusted"] == 0
-    assert "safe mode kept" not in format_trust_report(report)
+    assert "safe mode left" not in format_trust_report(report)
 
 
 def test_the_unreliable_share_is_judged_per_class():
