@@ -10,7 +10,7 @@ annotations have true boxes. Per json it prints:
   worse" against "made better" (cpr_d2.evaluation.semantic_variance.made_worse, both
   directions; objects neither worse nor better are left out): 1 - refine_reliability,
   refine_disagreement, the move length, both over the size estimated from the kept
-  points (refine_size), and 1 - refine_agreement, for comparison;
+  points (refine_size), 1 - refine_agreement and 1 - refine_trust;
 * the semantic variance change, the mean distance change and the share made worse,
   per size range of the true box, for the points each --keep-unreliable mode writes
   (refined, coarse, agreed: rebuilt from the json's fields, so a json written in any
@@ -81,15 +81,18 @@ def signals(data):
         size = ann.get("refine_size") or 0.0
         disagreement = ann.get("refine_disagreement") or 0.0
         agreement = ann.get("refine_agreement")
+        trust = ann.get("refine_trust")
         rows.append((coarse, point, box, ann["refine_reliability"], disagreement, move,
                      disagreement / size if size else math.inf, move / size if size else 0.0,
-                     math.nan if agreement is None else agreement))
+                     math.nan if agreement is None else agreement,
+                     math.nan if trust is None else trust))
     coarse, point, boxes = (np.array([r[k] for r in rows]) for k in range(3))
     worse = made_worse(coarse, point, boxes)
     better = made_worse(point, coarse, boxes)
     judged = worse | better
     named = (("1 - reliability", 3, -1), ("disagreement", 4, 1), ("move", 5, 1),
-             ("disagreement / size", 6, 1), ("move / size", 7, 1), ("1 - agreement", 8, -1))
+             ("disagreement / size", 6, 1), ("move / size", 7, 1), ("1 - agreement", 8, -1),
+             ("1 - trust", 9, -1))
     aucs = {name: auc(np.array([r[k] for r in rows])[judged] * sign, worse[judged])
             for name, k, sign in named}
     return aucs, int(worse.sum()), int(better.sum())

@@ -82,11 +82,11 @@ def training_objects(data, folds):
 def combine_fold_rows(rows_per_model, folds, image_of):
     """The cross-fitted refinement: for every annotation id in the rows of the model of
     its own image's fold (rows_per_model[k], refine_dataset's rows of fold model k over
-    all images), that model's row, plus "fold" and "disagreement": the mean distance in
-    pixels from its refined point to those of the other fold models (which trained on
-    the image), None for a single model, and "other_points", those models' refined
-    points (the move agreement of cpr_d2.engine.trust reads them). `image_of` maps
-    annotation ids to image ids."""
+    all images), that model's row, plus "fold", "image_id" and "disagreement": the mean
+    distance in pixels from its refined point to those of the other fold models (which
+    trained on the image), None for a single model, and "other_points", those models'
+    refined points (the move agreement and the trust of cpr_d2.engine.trust read them).
+    `image_of` maps annotation ids to image ids."""
     out = {}
     for ann_id, image_id in image_of.items():
         fold = folds[image_id]
@@ -97,7 +97,7 @@ def combine_fold_rows(rows_per_model, folds, image_of):
         others = [np.asarray(rows[ann_id]["point"], dtype=float)
                   for k, rows in enumerate(rows_per_model) if k != fold and ann_id in rows]
         distance = float(np.mean([np.linalg.norm(point - p) for p in others])) if others else None
-        out[ann_id] = {**row, "fold": fold, "disagreement": distance,
+        out[ann_id] = {**row, "fold": fold, "image_id": image_id, "disagreement": distance,
                        "other_points": [[float(v) for v in p] for p in others]}
     return out
 

@@ -70,8 +70,8 @@ def refined_json(source, refined):
     `point` replaced by the refined point, plus `coarse_point` (the point it replaced)
     and `refine_score`; cross-fitted rows add `refine_fold` and `refine_disagreement`
     (pixels), rows of cpr_d2.engine.trust.apply_safe_mode `refine_reliability`,
-    `refine_reliable`, `refine_agreement` and `refine_size` (the size estimated from the
-    kept points), and `refine_distrusted` True for the objects of a class a dataset-level
+    `refine_reliable`, `refine_agreement`, `refine_trust` and `refine_size` (the size
+    estimated from the kept points), and `refine_distrusted` True for the objects of a class a dataset-level
     warning distrusts. Where safe mode kept the coarse point, `point` stays the coarse
     point; where it wrote any point but the refined one, `refine_point` holds the refined
     one. Every other field is kept; annotations without a refinement are left as they
@@ -92,6 +92,7 @@ def refined_json(source, refined):
             ann["refine_reliability"] = row["reliability"]
             ann["refine_reliable"] = row["reliable"]
             ann["refine_agreement"] = row.get("agreement")
+            ann["refine_trust"] = row.get("trust")
             ann["refine_size"] = row.get("size")
             if row.get("distrusted"):
                 ann["refine_distrusted"] = True

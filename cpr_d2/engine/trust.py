@@ -29,6 +29,20 @@ coarse point),
 
 the projection of their move onto its own, as a fraction of its length.
 
+The trust of a moved object ranks it among the dataset's moved objects by two things:
+its support <o, s> / |s| (how far, in pixels, the other models moved it its own way)
+and how much its move heads away from its nearest annotated neighbour (of its class, on
+its image: -cos between s and the direction to that neighbour, 0 without one; a point
+pulled onto a neighbour is the refinement's typical mistake among small, crowded
+objects). With R the average rank (1 = lowest) among the M moved objects whose trust is
+known,
+
+    trust = (R(support) + R(away)) / (2 M)      (in (0, 1]; 1 for an unmoved object)
+
+Ranks put pixels and cosines on one scale without a fitted weight. Being a rank within
+the dataset, it orders the objects (which to look at first) but says nothing of the
+dataset as a whole, so safe mode does not read it.
+
 Safe mode, `--keep-unreliable`, decides what is written:
 
 * ``agreed`` (the default) moves every point by the agreed part of its move, coarse +
@@ -48,6 +62,7 @@ Wherever the written point is not the refined one, the refined point stays in th
 as `refine_point`.
 """
 import numpy as np
+from scipy.stats import rankdata
 
 from cpr_d2.evaluation.semantic_variance import DEFAULT_SIZE_RANGES
 
@@ -60,6 +75,7 @@ __all__ = [
     "dataset_warnings",
     "format_trust_report",
     "move_agreement",
+    "move_trust",
     "object_reliability",
     "trust_report",
 ]
@@ -108,9 +124,59 @@ def move_agreement(row):
     return float(np.clip(other_move @ move / length2, 0.0, 1.0))
 
 
+def _neighbour_directions(rows, class_of):
+    """{annotation id: unit vector from its coarse point to the nearest coarse point of
+    another object of its class on its image ("image_id" of the rows), or None when it
+    has none}."""
+    groups = {}
+    for ann_id, row in rows.items():
+        groups.setdefault((row.get("image_id"), class_of.get(ann_id)), []).append(ann_id)
+    out = {}
+    for ids in groups.values():
+        coarse = np.asarray([rows[k]["coarse_point"] for k in ids], dtype=float).reshape(-1, 2)
+        gaps = coarse[None, :, :] - coarse[:, None, :]
+        dist = np.linalg.norm(gaps, axis=2)
+        np.fill_diagonal(dist, np.inf)
+        for i, ann_id in enumerate(ids):
+            j = int(np.argmin(dist[i])) if len(ids) > 1 else None
+            ok = j is not None and 0 < dist[i, j] < np.inf
+            out[ann_id] = gaps[i, j] / dist[i, j] if ok else None
+    return out
+
+
+def move_trust(rows, class_of=None):
+    """{annotation id: trust} (module doc) of rows with "other_points" and "image_id"
+    (combine_fold_rows's): 1.0 for an object whose point did not move, None for a moved
+    one without other models; `class_of` ({annotation id: category id}) restricts the
+    neighbours to the object's class."""
+    class_of = class_of or {}
+    nearest = _neighbour_directions(rows, class_of)
+    out, support, away = {}, {}, {}
+    for ann_id, row in rows.items():
+        coarse = np.asarray(row["coarse_point"], dtype=float)
+        move = np.asarray(row["point"], dtype=float) - coarse
+        length = float(np.linalg.norm(move))
+        if length == 0:
+            out[ann_id] = 1.0
+            continue
+        out[ann_id] = None
+        if not row.get("other_points"):
+            continue
+        other = np.mean(np.asarray(row["other_points"], dtype=float), axis=0) - coarse
+        support[ann_id] = float(other @ move) / length
+        direction = nearest[ann_id]
+        away[ann_id] = 0.0 if direction is None else -float(move @ direction) / length
+    if support:
+        ids = list(support)
+        ranks = (rankdata([support[k] for k in ids]) + rankdata([away[k] for k in ids]))
+        for ann_id, rank in zip(ids, ranks / (2 * len(ids))):
+            out[ann_id] = float(rank)
+    return out
+
+
 def apply_safe_mode(rows, keep_unreliable=DEFAULT_KEEP_UNRELIABLE, train_objects=None,
                     class_of=None):
-    """Rows with "reliability", "reliable" and "agreement" (None where unknown) added,
+    """Rows with "reliability", "reliable", "agreement" and "trust" (None where unknown) added,
     and the point to write set by `keep_unreliable` (module doc): "agreed" moves every
     point by the agreed part of its move ("shortened" True where that is less than the
     whole move and more than none), "coarse" sets every unreliable point back to its
@@ -125,10 +191,12 @@ def apply_safe_mode(rows, keep_unreliable=DEFAULT_KEEP_UNRELIABLE, train_objects
         raise ValueError(f"--keep-unreliable must be one of {', '.join(KEEP_UNRELIABLE)}, "
                          f"got {keep_unreliable!r}")
     judged = {}
+    trust = move_trust(rows, class_of)
     for ann_id, row in rows.items():
         reliability = object_reliability(row)
         judged[ann_id] = {**row, "reliability": reliability, "agreement": move_agreement(row),
-                          "reliable": None if reliability is None else reliability >= RELIABLE_AT}
+                          "reliable": None if reliability is None else reliability >= RELIABLE_AT,
+                          "trust": trust[ann_id]}
     distrusted = set()
     if keep_unreliable != "refined":
         for classes, _ in dataset_warnings(judged, train_objects, class_of):

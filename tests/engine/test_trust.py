@@ -217,6 +217,7 @@ def test_agreed_mode_moves_every_point_by_its_agreed_share(seed):
     for ann in data["annotations"]:
         r = out[ann["id"]]
         assert ann["point"] == r["point"] and ann["refine_agreement"] == r["agreement"]
+        assert ann["refine_trust"] == r["trust"]
         assert ("refine_point" in ann) == (r["agreement"] < 1.0)
 
     report = trust_report(out, folds=2)
@@ -239,7 +240,7 @@ def test_safe_mode_keeps_the_coarse_points_of_a_class_with_too_little_data(mode)
     trained = {0: {1: 5 * MIN_TRAIN_OBJECTS, 2: 5 * MIN_TRAIN_OBJECTS},
                1: {1: MIN_TRAIN_OBJECTS, 2: MIN_TRAIN_OBJECTS - 1}}
     out = apply_safe_mode(rows, mode, trained, class_of)
-    plain = apply_safe_mode(rows, mode)  # without the dataset-level verdict
+    plain = apply_safe_mode(rows, mode, None, class_of)  # without the training counts
     for k, r in out.items():
         if class_of[k] == 1:  # untouched by the warning
             assert r == plain[k] and "distrusted" not in r
@@ -301,3 +302,49 @@ def test_the_unreliable_share_is_judged_per_class():
     unseen = {0: {1: 500}, 1: {1: 500, 2: 500}}
     warnings = [w for _, w in dataset_warnings(apply_safe_mode(rows, "refined"), unseen)]
     assert any("fold model 0 trained on only 0 objects of class 2" in w for w in warnings)
+
+
+def trust_rows():
+    """Four objects on one image: 1 and 2 are neighbours 10 px apart, 4 lies 10 px on
+    the other side of 1, 3 is far off."""
+    def row(coarse, point, other, image=1):
+        return {"coarse_point": list(coarse), "point": list(point), "other_points": [list(other)],
+                "image_id": image, "refined": point != coarse, "score": 0.5}
+    return {
+        # moves 4 px towards its neighbour 2; the other model moved it the other way
+        1: row((10.0, 10.0), (14.0, 10.0), (8.0, 10.0)),
+        2: row((20.0, 10.0), (20.0, 10.0), (21.0, 10.0)),  # not moved
+        # moves 4 px away from its neighbour 1, and the other model moved it 3 px so too
+        4: row((0.0, 10.0), (-4.0, 10.0), (-3.0, 10.0)),
+        # moves 3 px down, partly away from its nearest neighbour (2, up and to the left)
+        3: row((80.0, 80.0), (80.0, 83.0), (80.0, 82.0)),
+    }
+
+
+def test_trust_ranks_supported_moves_away_from_neighbours_first():
+    from cpr_d2.engine.trust import move_trust
+    trust = move_trust(trust_rows())
+    assert trust[2] == 1.0  # not moved
+    # Support (the other model's move along its own): 1 -> -2 px, 3 -> 2 px, 4 -> 3 px.
+    # Away from the nearest neighbour: 1 -> -1 (towards), 3 -> 0.76, 4 -> +1.
+    assert trust[4] == pytest.approx((3 + 3) / 6)
+    assert trust[3] == pytest.approx((2 + 2) / 6)
+    assert trust[1] == pytest.approx((1 + 1) / 6)
+    # Without other models a moved object's trust is unknown.
+    lone = {k: {**r, "other_points": []} for k, r in trust_rows().items()}
+    assert move_trust(lone)[1] is None and move_trust(lone)[2] == 1.0
+    # 4 moved 2 px under 1, moving down: away from 1, its nearest neighbour (+1).
+    rows = trust_rows()
+    rows[4].update(coarse_point=[10.0, 12.0], point=[10.0, 16.0], other_points=[[10.0, 15.0]])
+    assert move_trust(rows)[4] == pytest.approx((3 + 3) / 6)
+    # Of another class, 4 has no neighbour (0): 3's 0.76 now ranks above it.
+    classes = {1: 1, 2: 1, 3: 1, 4: 2}
+    assert move_trust(rows, classes)[4] == pytest.approx((3 + 2) / 6)
+    assert move_trust(rows, classes)[3] == pytest.approx((2 + 3) / 6)
+    # On another image, likewise.
+    rows[4]["image_id"] = 2
+    assert move_trust(rows) == move_trust(rows, classes)
+    # It is written with the other measures, whatever the mode.
+    for mode in ("agreed", "coarse", "refined"):
+        out = apply_safe_mode(trust_rows(), mode)
+        assert {k: r["trust"] for k, r in out.items()} == move_trust(trust_rows())
