@@ -62,6 +62,7 @@ Wherever the written point is not the refined one, the refined point stays in th
 as `refine_point`.
 """
 import numpy as np
+from scipy.spatial import cKDTree
 from scipy.stats import rankdata
 
 from cpr_d2.evaluation.semantic_variance import DEFAULT_SIZE_RANGES
@@ -127,20 +128,22 @@ def move_agreement(row):
 def _neighbour_directions(rows, class_of):
     """{annotation id: unit vector from its coarse point to the nearest coarse point of
     another object of its class on its image ("image_id" of the rows), or None when it
-    has none}."""
+    has none (or that point is its own)}."""
     groups = {}
     for ann_id, row in rows.items():
         groups.setdefault((row.get("image_id"), class_of.get(ann_id)), []).append(ann_id)
     out = {}
     for ids in groups.values():
+        if len(ids) == 1:
+            out[ids[0]] = None
+            continue
         coarse = np.asarray([rows[k]["coarse_point"] for k in ids], dtype=float).reshape(-1, 2)
-        gaps = coarse[None, :, :] - coarse[:, None, :]
-        dist = np.linalg.norm(gaps, axis=2)
-        np.fill_diagonal(dist, np.inf)
+        # A k-d tree: an image of a crowd can hold thousands of points.
+        dist, index = cKDTree(coarse).query(coarse, k=2)
         for i, ann_id in enumerate(ids):
-            j = int(np.argmin(dist[i])) if len(ids) > 1 else None
-            ok = j is not None and 0 < dist[i, j] < np.inf
-            out[ann_id] = gaps[i, j] / dist[i, j] if ok else None
+            # The nearest point is the object itself (or one at the same place).
+            d, j = dist[i, 1], index[i, 1]
+            out[ann_id] = (coarse[j] - coarse[i]) / d if d > 0 else None
     return out
 
 

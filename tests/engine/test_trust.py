@@ -348,3 +348,24 @@ def test_trust_ranks_supported_moves_away_from_neighbours_first():
     for mode in ("agreed", "coarse", "refined"):
         out = apply_safe_mode(trust_rows(), mode)
         assert {k: r["trust"] for k, r in out.items()} == move_trust(trust_rows())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_nearest_neighbour_is_found_within_the_objects_class_and_image(seed):
+    import numpy as np
+
+    from cpr_d2.engine.trust import _neighbour_directions
+    rng = np.random.default_rng(seed)
+    points = rng.uniform(0, 500, size=(300, 2))
+    rows = {k: {"coarse_point": points[k].tolist(), "image_id": int(rng.integers(2))}
+            for k in range(300)}
+    class_of = {k: int(rng.integers(1, 3)) for k in rows}
+    rows[299]["image_id"], class_of[299] = 7, 1  # alone on its image
+    found = _neighbour_directions(rows, class_of)
+    assert found[299] is None
+    for k in range(299):
+        others = [j for j in rows if j != k and rows[j]["image_id"] == rows[k]["image_id"]
+                  and class_of[j] == class_of[k]]
+        j = min(others, key=lambda j: np.linalg.norm(points[j] - points[k]))
+        expected = (points[j] - points[k]) / np.linalg.norm(points[j] - points[k])
+        assert found[k] == pytest.approx(expected)
