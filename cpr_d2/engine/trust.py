@@ -82,6 +82,7 @@ __all__ = [
 ]
 
 RELIABLE_AT = 0.5
+LEAST_TRUSTED = 10  # how many of the least trusted points the report lists
 MIN_TRAIN_OBJECTS = 200
 KEEP_UNRELIABLE = ("agreed", "coarse", "refined")
 DEFAULT_KEEP_UNRELIABLE = "agreed"
@@ -324,11 +325,17 @@ def trust_report(rows, folds=1, train_objects=None, keep_unreliable=DEFAULT_KEEP
     "unreliable share" (of the moved objects whose reliability is known), "warnings"
     (sentences for a practitioner, empty when the refinement looks trustworthy; see
     dataset_warnings), "distrusted" (the objects of the classes they distrust) and
-    "distrusted moved" (those of them the refinement moved), "notes"
+    "distrusted moved" (those of them the refinement moved), "least trusted" (the
+    LEAST_TRUSTED moved objects of lowest trust, the points to look at first), "notes"
     and the settings. train_objects: {fold: {class: objects}} the fold models trained on;
     class_of: {annotation id: category id}."""
     warnings = [sentence for _, sentence in dataset_warnings(rows, train_objects, class_of)]
     distrusted = [r for r in rows.values() if r.get("distrusted")]
+    ranked = sorted(((r["trust"], k) for k, r in rows.items()
+                     if r.get("trust") is not None and _move_of(r) > 0), key=lambda t: t[0])
+    least = [{"annotation": k, "image": rows[k].get("image_id"),
+              "move px": round(_move_of(rows[k]), 2), "trust": round(t, 4)}
+             for t, k in ranked[:LEAST_TRUSTED]]
     rows = list(rows.values())
     ranges = [_range_row("all", rows)]
     for name, lo, hi in _SIZE_RANGES:
@@ -349,7 +356,7 @@ def trust_report(rows, folds=1, train_objects=None, keep_unreliable=DEFAULT_KEEP
             "distrusted": len(distrusted),
             "distrusted moved": sum(_move_of(r) > 0 for r in distrusted),
             "fewest training objects": None if fewest is None else fewest[0],
-            "ranges": ranges, "warnings": warnings, "notes": notes}
+            "least trusted": least, "ranges": ranges, "warnings": warnings, "notes": notes}
 
 
 def format_trust_report(report):
@@ -367,6 +374,10 @@ def format_trust_report(report):
         lines.append(f"an object is unreliable when the fold models disagree by more than its "
                      f"move; {report['kept coarse']} unreliable objects kept their coarse point "
                      f"(--keep-unreliable {mode})")
+    if report.get("least trusted"):
+        lines += [f"the {len(report['least trusted'])} moved points of lowest trust "
+                  f"(refine_trust; the ones to look at first):",
+                  markdown_table(report["least trusted"])]
     lines += ["note: " + n for n in report["notes"]]
     if report["warnings"]:
         lines += ["WARNING: " + w for w in report["warnings"]]

@@ -369,3 +369,23 @@ def test_the_nearest_neighbour_is_found_within_the_objects_class_and_image(seed)
         j = min(others, key=lambda j: np.linalg.norm(points[j] - points[k]))
         expected = (points[j] - points[k]) / np.linalg.norm(points[j] - points[k])
         assert found[k] == pytest.approx(expected)
+
+
+def test_the_report_lists_the_least_trusted_moved_points_first():
+    from cpr_d2.engine.trust import LEAST_TRUSTED
+    rows = agreed_rows(200, 6)
+    for k, r in rows.items():
+        r["image_id"] = k % 5
+    out = apply_safe_mode(rows)
+    report = trust_report(out, folds=2)
+    least = report["least trusted"]
+    moved = sorted(r["trust"] for r in out.values() if r["refine_point" if "refine_point" in r
+                                                          else "point"] != r["coarse_point"])
+    assert len(least) == LEAST_TRUSTED
+    assert [row["trust"] for row in least] == pytest.approx(moved[:LEAST_TRUSTED], abs=1e-4)
+    for row in least:
+        assert out[row["annotation"]]["trust"] == pytest.approx(row["trust"], abs=1e-4)
+        assert row["image"] == row["annotation"] % 5 and row["move px"] > 0
+    text = format_trust_report(report)
+    assert f"the {LEAST_TRUSTED} moved points of lowest trust" in text
+    assert f"| {least[0]['annotation']} | {least[0]['image']} |" in text
