@@ -30,13 +30,17 @@ kept points, how many points moved, how far, how much the fold models disagree, 
 how many are unreliable. With --folds >= 2 a point is unreliable when models trained
 on different images disagree about it by more than the refinement moved it, and its
 move agreement is the share of its move that the models which saw its image
-reproduce; each annotation then gets `refine_reliability`, `refine_reliable` and
-`refine_agreement`. --keep-unreliable decides what is written: agreed (the default)
-moves every point by the agreed part of its move, coarse keeps the coarse point of the
-unreliable ones and moves the others fully, refined writes every refined point;
-wherever the written point is not the refined one, the refined point stays as
+reproduce; each annotation then gets `refine_reliability`, `refine_reliable`,
+`refine_agreement` and `refine_trust` (a ranking of the moved points, from the other
+models' support and the move's heading relative to the nearest neighbour; the report
+lists the least trusted). --keep-unreliable decides what is written: agreed (the
+default) moves every point by the agreed part of its move, coarse keeps the coarse
+point of the unreliable ones and moves the others fully, refined writes every refined
+point; wherever the written point is not the refined one, the refined point stays as
 `refine_point`. With one model the json is as before and the report only measures the
-moves. The report ends with a warning when the refinement looks unreliable.
+moves. The report ends with a warning, per class, when the refinement looks
+unreliable (too little data, or fold models that disagree); agreed and coarse then
+keep every coarse point of that class (`refine_distrusted`).
 
 Several processes share the images: --num-gpus N (CUDA, NCCL) or --num-gpus 0
 --num-workers N (CPU, gloo); the main process writes the json.
@@ -63,7 +67,8 @@ def parse_args(argv=None):
                         help="with --folds >= 2: move every point by the part of its move the "
                              "other fold models reproduce (agreed, the default), keep the "
                              "coarse point where they disagree by more than the move (coarse), "
-                             "or write every refined point (refined)")
+                             "or write every refined point (refined); agreed and coarse keep "
+                             "every coarse point of a class the report warns about")
     args = parser.parse_args(argv)
     if args.keep_unreliable and args.folds < 2:
         parser.error("--keep-unreliable needs --folds 2 or more: a point's reliability is the "

@@ -107,7 +107,9 @@ def build_parser():
                    help="with --folds K >= 2: move every point by the part of its move the "
                         "other fold models reproduce (agreed, the default), keep the coarse "
                         "point where they disagree by more than the move (coarse), or write "
-                        "every refined point (refined); refine_export --keep-unreliable")
+                        "every refined point (refined); agreed and coarse keep every coarse "
+                        "point of a class the trust report warns about; refine_export "
+                        "--keep-unreliable")
     p.add_argument("--subset", type=int, default=None,
                    help="use only the first N images of the training and test sets")
     p.add_argument("--quick", action="store_true",

@@ -71,11 +71,11 @@ def refined_json(source, refined):
     and `refine_score`; cross-fitted rows add `refine_fold` and `refine_disagreement`
     (pixels), rows of cpr_d2.engine.trust.apply_safe_mode `refine_reliability`,
     `refine_reliable`, `refine_agreement`, `refine_trust` and `refine_size` (the size
-    estimated from the kept points), and `refine_distrusted` True for the objects of a class a dataset-level
-    warning distrusts. Where safe mode kept the coarse point, `point` stays the coarse
-    point; where it wrote any point but the refined one, `refine_point` holds the refined
-    one. Every other field is kept; annotations without a refinement are left as they
-    are. Returns (json dict, number of annotations refined)."""
+    estimated from the kept points), and `refine_distrusted` True for the objects of a
+    class a dataset-level warning distrusts. Where safe mode kept the coarse point,
+    `point` stays the coarse point; where it wrote any point but the refined one,
+    `refine_point` holds the refined one. Every other field is kept; annotations
+    without a refinement are left as they are. Returns (json dict, number of annotations refined)."""
     out = copy.deepcopy(source)
     count = 0
     for ann in out.get("annotations", []):
