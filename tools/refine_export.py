@@ -130,13 +130,13 @@ def main(args):
     if not comm.is_main_process():
         return None
     keep = args.keep_unreliable or DEFAULT_KEEP_UNRELIABLE
+    source = read_json(source_json, "point json")
     trained = class_of = None
     if args.folds > 1:  # one model: no reliability, the json as without the report
-        source = read_json(source_json, "point json")
         trained = training_objects(source, image_folds(source.get("images", []), args.folds))
         class_of = {a.get("id"): a.get("category_id") for a in source.get("annotations", [])}
         refined = apply_safe_mode(refined, keep, trained, class_of)
-    source, data, count = export_refined(source_json, refined, args.output)
+    source, data, count = export_refined(source_json, refined, args.output, source)
     moved = sum(r["refined"] for r in refined.values())
     print(f"refined {count} of {len(source.get('annotations', []))} annotations "
           f"({moved} moved, {count - moved} kept their point); wrote {args.output}")

@@ -75,7 +75,8 @@ def refined_json(source, refined):
     class a dataset-level warning distrusts. Where safe mode kept the coarse point,
     `point` stays the coarse point; where it wrote any point but the refined one,
     `refine_point` holds the refined one. Every other field is kept; annotations
-    without a refinement are left as they are. Returns (json dict, number of annotations refined)."""
+    without a refinement are left as they are. Returns (json dict, number of
+    annotations refined)."""
     out = copy.deepcopy(source)
     count = 0
     for ann in out.get("annotations", []):
@@ -113,11 +114,13 @@ def check_refined_output(output, source_json=None, flag="--output"):
                    "the input, the coarse points included)")
 
 
-def export_refined(source_json, refined, output):
+def export_refined(source_json, refined, output, source=None):
     """Write refined_json(...) atomically to `output` (checked by check_refined_output:
-    never over `source_json`)."""
+    never over `source_json`); `source`, the json already read from `source_json`, spares
+    a second read."""
     check_refined_output(output, source_json)
-    source = read_json(source_json)
+    if source is None:
+        source = read_json(source_json)
     data, count = refined_json(source, refined)
     write_json_atomic(data, output)
     return source, data, count

@@ -110,19 +110,27 @@ def object_reliability(row):
     return move / (move + float(disagreement))
 
 
+def _moves(row):
+    """(s, o): the object's move from its coarse point, and the mean move of the models
+    in its row's "other_points" (combine_fold_rows; None without other models)."""
+    coarse = np.asarray(row["coarse_point"], dtype=float)
+    move = np.asarray(row["point"], dtype=float) - coarse
+    others = row.get("other_points")
+    if not others:
+        return move, None
+    return move, np.mean(np.asarray(others, dtype=float), axis=0) - coarse
+
+
 def move_agreement(row):
     """The move agreement clip(<o, s> / |s|^2, 0, 1) of one refined object (module doc):
     s its move, o the mean move of the models in its row's "other_points"
     (combine_fold_rows). 1.0 when its point did not move, None without other models."""
-    coarse = np.asarray(row["coarse_point"], dtype=float)
-    move = np.asarray(row["point"], dtype=float) - coarse
+    move, other_move = _moves(row)
     length2 = float(move @ move)
     if length2 == 0:
         return 1.0
-    others = row.get("other_points")
-    if not others:
+    if other_move is None:
         return None
-    other_move = np.mean(np.asarray(others, dtype=float), axis=0) - coarse
     return float(np.clip(other_move @ move / length2, 0.0, 1.0))
 
 
@@ -157,16 +165,14 @@ def move_trust(rows, class_of=None):
     nearest = _neighbour_directions(rows, class_of)
     out, support, away = {}, {}, {}
     for ann_id, row in rows.items():
-        coarse = np.asarray(row["coarse_point"], dtype=float)
-        move = np.asarray(row["point"], dtype=float) - coarse
+        move, other = _moves(row)
         length = float(np.linalg.norm(move))
         if length == 0:
             out[ann_id] = 1.0
             continue
         out[ann_id] = None
-        if not row.get("other_points"):
+        if other is None:
             continue
-        other = np.mean(np.asarray(row["other_points"], dtype=float), axis=0) - coarse
         support[ann_id] = float(other @ move) / length
         direction = nearest[ann_id]
         away[ann_id] = 0.0 if direction is None else -float(move @ direction) / length
@@ -178,19 +184,24 @@ def move_trust(rows, class_of=None):
     return out
 
 
+def _keep_coarse(row):
+    """Set `row` back to its coarse point, keeping the refined one as "refine_point"."""
+    row.update(refine_point=row["point"], point=list(row["coarse_point"]), refined=False,
+               kept_coarse=True)
+
+
 def apply_safe_mode(rows, keep_unreliable=DEFAULT_KEEP_UNRELIABLE, train_objects=None,
                     class_of=None):
-    """Rows with "reliability", "reliable", "agreement" and "trust" (None where unknown) added,
-    and the point to write set by `keep_unreliable` (module doc): "agreed" moves every
-    point by the agreed part of its move ("shortened" True where that is less than the
-    whole move and more than none), "coarse" sets every unreliable point back to its
-    coarse point. In both, the objects of a class that a dataset-level warning
+    """Rows with "reliability", "reliable", "agreement" and "trust" (None where unknown)
+    added, and the point to write set by `keep_unreliable` (module doc): "agreed" moves
+    every point by the agreed part of its move ("shortened" True where that is less
+    than the whole move and more than none), "coarse" sets every unreliable point back
+    to its coarse point. In both, the objects of a class that a dataset-level warning
     distrusts (dataset_warnings, from `train_objects` and `class_of`, {annotation id:
     category id}; without `class_of`, any such warning distrusts every object) keep
-    their coarse points ("distrusted" True). Where the point is set
-    back to the coarse point, "kept_coarse" is True and "refined" False; wherever it
-    changes, "refine_point" keeps the refined one. A new dict: the input rows are not
-    changed."""
+    their coarse points ("distrusted" True). Where the point is set back to the coarse
+    point, "kept_coarse" is True and "refined" False; wherever it changes,
+    "refine_point" keeps the refined one. A new dict: the input rows are not changed."""
     if keep_unreliable not in KEEP_UNRELIABLE:
         raise ValueError(f"--keep-unreliable must be one of {', '.join(KEEP_UNRELIABLE)}, "
                          f"got {keep_unreliable!r}")
@@ -213,19 +224,17 @@ def apply_safe_mode(rows, keep_unreliable=DEFAULT_KEEP_UNRELIABLE, train_objects
         if class_of.get(ann_id) in distrusted:
             row["distrusted"] = True
             if _move(row) > 0:
-                row.update(refine_point=row["point"], point=list(row["coarse_point"]),
-                           refined=False, kept_coarse=True)
+                _keep_coarse(row)
         elif keep_unreliable == "coarse" and row["reliable"] is False:
-            row.update(refine_point=row["point"], point=list(row["coarse_point"]),
-                       refined=False, kept_coarse=True)
+            _keep_coarse(row)
         elif keep_unreliable == "agreed" and agreement is not None and agreement < 1.0:
-            coarse = np.asarray(row["coarse_point"], dtype=float)
-            point = coarse + agreement * (np.asarray(row["point"], dtype=float) - coarse)
-            row.update(refine_point=row["point"])
             if agreement == 0.0:
-                row.update(point=list(row["coarse_point"]), refined=False, kept_coarse=True)
+                _keep_coarse(row)
             else:
-                row.update(point=[float(v) for v in point], shortened=True)
+                coarse = np.asarray(row["coarse_point"], dtype=float)
+                point = coarse + agreement * (np.asarray(row["point"], dtype=float) - coarse)
+                row.update(refine_point=row["point"], point=[float(v) for v in point],
+                           shortened=True)
         out[ann_id] = row
     return out
 
