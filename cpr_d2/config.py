@@ -265,12 +265,15 @@ def _add_p2pnet_inference_keys(cfg):
     # Inference: keep the TOPK_CANDIDATES best (point, class) scores above
     # SCORE_THRESH, then class-wise NMS on NMS_BOX_SIZE x NMS_BOX_SIZE pixel boxes
     # around the points (original image pixels) at IoU NMS_THRESH (NMS_BOX_SIZE 0:
-    # no NMS), then at most DETECTIONS_PER_IMAGE points.
+    # no NMS), then at most DETECTIONS_PER_IMAGE points. VOTE_RADIUS > 0 moves each
+    # kept point to the score-weighted mean of the candidates of its class within that
+    # many pixels of it (the suppressed ones too); 0: the kept point as predicted.
     cfg.MODEL.P2PNET.SCORE_THRESH = 0.05
     cfg.MODEL.P2PNET.TOPK_CANDIDATES = 1000
     cfg.MODEL.P2PNET.NMS_BOX_SIZE = 32.0
     cfg.MODEL.P2PNET.NMS_THRESH = 0.01
     cfg.MODEL.P2PNET.DETECTIONS_PER_IMAGE = 100
+    cfg.MODEL.P2PNET.VOTE_RADIUS = 0.0
 
 
 def _add_p2pnet_count_keys(cfg):

@@ -23,7 +23,7 @@ feature map (A anchor points per cell, L logits per anchor).
 """
 import numpy as np
 
-__all__ = ["anchor_points", "decode", "nms", "prepare"]
+__all__ = ["anchor_points", "decode", "nms", "prepare", "vote"]
 
 
 def prepare(image, params):
@@ -89,6 +89,21 @@ def nms(points, scores, classes, box_size, iou_threshold):
     return np.asarray(keep, dtype=np.int64)
 
 
+def vote(points, scores, classes, kept, radius):
+    """The points of the `kept` candidates, each moved to the score-weighted mean of the
+    candidates of its class (itself included) within `radius` pixels of it; radius <= 0
+    returns points[kept] (cpr_d2.modeling.p2pnet.point_vote)."""
+    if radius <= 0 or len(kept) == 0:
+        return points[kept]
+    chosen = points[kept].astype(np.float64)
+    all_points = points.astype(np.float64)
+    distance = np.sqrt(((chosen[:, None, :] - all_points[None, :, :]) ** 2).sum(axis=2))
+    near = (distance <= float(radius)) & (classes[kept][:, None] == classes[None, :])
+    weight = scores.astype(np.float64)[None, :] * near
+    mean = weight @ all_points / weight.sum(axis=1, keepdims=True)
+    return mean.astype(points.dtype)
+
+
 def decode(logits, offsets, size, params, out_size=None):
     """(points, scores, classes) of one image from the network's raw outputs for it
     (logits (A * L, h, w), offsets (A * 2, h, w)); `size` is the (height, width) prepare
@@ -124,4 +139,6 @@ def decode(logits, offsets, size, params, out_size=None):
     points[:, 1] = np.clip(points[:, 1], 0, out_h)
     kept = nms(points, scores, classes, params["nms_box_size"], params["nms_thresh"])
     kept = kept[: int(params["detections_per_image"])]
-    return points[kept], scores[kept], classes[kept]
+    # Exports written before VOTE_RADIUS existed have no "vote_radius": no vote.
+    voted = vote(points, scores, classes, kept, float(params.get("vote_radius", 0.0)))
+    return voted, scores[kept], classes[kept]

@@ -2,7 +2,7 @@
 from .backbone import SingleLevelFPN, build_single_level_fpn_backbone, single_level_feature_name
 from .cpr import CPRHead, CPRNet
 from .p2p_matcher import PointMatcher, match_cost_matrix
-from .p2pnet import P2PHead, P2PNet, anchor_points, point_nms
+from .p2pnet import P2PHead, P2PNet, anchor_points, point_nms, point_vote
 
 __all__ = [
     "CPRHead",
@@ -15,5 +15,6 @@ __all__ = [
     "build_single_level_fpn_backbone",
     "match_cost_matrix",
     "point_nms",
+    "point_vote",
     "single_level_feature_name",
 ]

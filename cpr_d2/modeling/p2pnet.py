@@ -29,7 +29,7 @@ from .backbone import normalized_images, single_level_feature_name
 from .p2p_matcher import PointMatcher
 from .postprocess import original_size_and_scale, rescale_points
 
-__all__ = ["P2PHead", "P2PNet", "anchor_points", "point_nms"]
+__all__ = ["P2PHead", "P2PNet", "anchor_points", "point_nms", "point_vote"]
 
 CLASS_LOSSES = ("focal", "softmax")
 POINT_LOSSES = ("smooth_l1", "l2")
@@ -64,6 +64,21 @@ def point_nms(points, scores, classes, box_size, iou_threshold):
     half = 0.5 * float(box_size)
     boxes = torch.cat([points - half, points + half], dim=1)
     return batched_nms(boxes.float(), scores.float(), classes, iou_threshold)
+
+
+def point_vote(points, scores, classes, kept, radius):
+    """The points of the `kept` candidates, each moved to the score-weighted mean of the
+    candidates of its class (itself included, suppressed ones too) within `radius`
+    pixels of it. Neighbouring anchor points predict the same object, each with its own
+    regression error; their mean is a steadier estimate. radius <= 0: points[kept]."""
+    if radius <= 0 or len(kept) == 0:
+        return points[kept]
+    chosen = points[kept]
+    near = torch.cdist(chosen.double(), points.double()) <= float(radius)
+    near &= classes[kept][:, None] == classes[None, :]
+    weight = scores.double()[None, :] * near
+    mean = weight @ points.double() / weight.sum(dim=1, keepdim=True)
+    return mean.to(points.dtype)
 
 
 def _tower(in_channels, channels, num_convs):
@@ -124,7 +139,7 @@ class P2PNet(nn.Module):
                  background_weight=0.5, class_weight=1.0, point_loss="smooth_l1",
                  smooth_l1_beta=1.0 / 9, point_weight=0.5, matcher, score_thresh=0.05,
                  topk_candidates=1000, nms_box_size=32.0, nms_thresh=0.01,
-                 detections_per_image=100, pixel_mean, pixel_std):
+                 detections_per_image=100, vote_radius=0.0, pixel_mean, pixel_std):
         super().__init__()
         if class_loss not in CLASS_LOSSES:
             raise ValueError(f"MODEL.P2PNET.CLASS_LOSS must be one of {CLASS_LOSSES}, got "
@@ -151,6 +166,7 @@ class P2PNet(nn.Module):
         self.nms_box_size = nms_box_size
         self.nms_thresh = nms_thresh
         self.detections_per_image = detections_per_image
+        self.vote_radius = float(vote_radius)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         # The counting threshold chosen on the training images (cpr_d2.engine.
@@ -191,6 +207,7 @@ class P2PNet(nn.Module):
             "nms_box_size": c.NMS_BOX_SIZE,
             "nms_thresh": c.NMS_THRESH,
             "detections_per_image": c.DETECTIONS_PER_IMAGE,
+            "vote_radius": c.VOTE_RADIUS,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
@@ -302,7 +319,7 @@ class P2PNet(nn.Module):
             kept = point_nms(points, scores, classes, self.nms_box_size, self.nms_thresh)
             kept = kept[: self.detections_per_image]
             inst = Instances(out_size)
-            inst.pred_points = points[kept]
+            inst.pred_points = point_vote(points, scores, classes, kept, self.vote_radius)
             inst.scores = scores[kept]
             inst.pred_classes = classes[kept]
             result = {"instances": inst}

@@ -84,6 +84,37 @@ def test_numpy_decoding_of_the_raw_outputs_equals_the_model(predictor, images):
         np.testing.assert_array_equal(got[2], classes)
 
 
+def test_numpy_decoding_votes_as_the_model_does(predictor, images):
+    decoder = _decoder()
+    model = predictor.model
+    try:
+        model.vote_radius = 2.0 * model.stride
+        params = decode_params(predictor.cfg, model)
+        assert params["vote_radius"] == 2.0 * model.stride
+        raw = P2PNetRaw(model).eval()
+        moved = 0
+        for image in images:
+            threshold = _threshold_in_a_gap(model, image)
+            points, scores, classes = _eager(predictor, image, threshold)
+            batch, size = decoder.prepare(image, dict(params))
+            with torch.no_grad():
+                logits, offsets = (t.numpy() for t in raw(torch.from_numpy(batch)))
+            got = decoder.decode(logits[0], offsets[0], size, dict(params, score_thresh=threshold))
+            unvoted = decoder.decode(logits[0], offsets[0], size,
+                                     dict(params, score_thresh=threshold, vote_radius=0.0))
+            np.testing.assert_allclose(got[0], points, atol=1e-4)
+            np.testing.assert_array_equal(got[2], classes)
+            moved += int((np.abs(got[0] - unvoted[0]) > 1e-3).any(axis=1).sum())
+        assert moved > 0  # the vote moved some points
+        # An export written before the key existed decodes without a vote.
+        old = {k: v for k, v in params.items() if k != "vote_radius"}
+        np.testing.assert_array_equal(
+            decoder.decode(logits[0], offsets[0], size, dict(old, score_thresh=threshold))[0],
+            unvoted[0])
+    finally:
+        model.vote_radius = 0.0
+
+
 def test_torchscript_and_onnx_match_the_eager_model(predictor, images, tmp_path):
     out = tmp_path / "export"
     written = load_tool("export_model").main(load_tool("export_model").parse_args(

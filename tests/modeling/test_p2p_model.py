@@ -8,7 +8,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
 from cpr_d2.config import get_cpr_d2_cfg
-from cpr_d2.modeling import anchor_points, point_nms
+from cpr_d2.modeling import anchor_points, point_nms, point_vote
 from cpr_d2.modeling.p2pnet import anchor_offsets
 
 LN2 = math.log(2)
@@ -139,6 +139,57 @@ def test_point_nms_suppresses_by_box_overlap():
     assert point_nms(points, scores, classes, 32, 0.01).tolist() == [1]
     assert point_nms(points, scores, classes, 8, 0.01).tolist() == [1, 2, 0]
     assert point_nms(points, scores, torch.tensor([0, 1, 2]), 32, 0.01).tolist() == [1, 2, 0]
+
+
+def test_point_vote_is_the_score_weighted_mean_of_its_class_within_the_radius():
+    points = torch.tensor([[10.0, 10.0], [14.0, 10.0], [10.0, 16.0], [30.0, 10.0], [11.0, 10.0]])
+    scores = torch.tensor([0.8, 0.4, 0.2, 0.9, 0.7])
+    classes = torch.tensor([0, 0, 0, 0, 1])
+    kept = torch.tensor([3, 0, 4])
+    got = point_vote(points, scores, classes, kept, 6.0)
+    # (30, 10) has no neighbour within 6 px; (10, 10) takes (14, 10) and (10, 16) of its
+    # class (distance 4 and 6, the radius included) but not (11, 10), of class 1.
+    expected = torch.tensor([[30.0, 10.0],
+                             [(0.8 * 10 + 0.4 * 14 + 0.2 * 10) / 1.4,
+                              (0.8 * 10 + 0.4 * 10 + 0.2 * 16) / 1.4],
+                             [11.0, 10.0]])
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(point_vote(points, scores, classes, kept, 0.0), points[kept])
+    assert point_vote(points, scores, classes, kept[:0], 6.0).shape == (0, 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_point_vote_equals_a_loop_over_the_candidates(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 200
+    points = torch.rand(n, 2, generator=g) * 100
+    scores = torch.rand(n, generator=g) * 0.9 + 0.05
+    classes = torch.randint(0, 3, (n,), generator=g)
+    kept = point_nms(points, scores, classes, 12.0, 0.01)
+    got = point_vote(points, scores, classes, kept, 9.0)
+    for row, k in zip(got.tolist(), kept.tolist()):
+        sx = sy = sw = 0.0
+        for j in range(n):
+            dx, dy = (points[j] - points[k]).tolist()
+            if classes[j] == classes[k] and math.hypot(dx, dy) <= 9.0:
+                w = float(scores[j])
+                sx, sy, sw = sx + w * float(points[j, 0]), sy + w * float(points[j, 1]), sw + w
+        assert row == pytest.approx([sx / sw, sy / sw], abs=1e-4)
+
+
+def test_inference_votes_the_kept_points():
+    model = build_model(small_cfg(NMS_BOX_SIZE=8.0, SCORE_THRESH=0.3, VOTE_RADIUS=4.0)).eval()
+    assert model.vote_radius == 4.0
+    anchors = anchor_points(1, 4, 8.0)
+    probs = torch.tensor([[0.9], [0.6], [0.2], [0.7]])
+    logits = torch.logit(probs)[None]
+    points = torch.tensor([[[5.0, 4.0], [8.0, 4.0], [6.0, 4.0], [28.0, 4.0]]])
+    inst = model.inference(logits, points, anchors, [{}], [(8, 32)])[0]["instances"]
+    # (5, 4) 0.9 suppresses (8, 4) 0.6 and takes it into its mean; (6, 4) scores under the
+    # threshold and is no candidate; (28, 4) stands alone.
+    torch.testing.assert_close(inst.pred_points,
+                               torch.tensor([[(0.9 * 5 + 0.6 * 8) / 1.5, 4.0], [28.0, 4.0]]))
+    assert inst.scores.tolist() == pytest.approx([0.9, 0.7])
 
 
 def test_batch_inference_returns_every_image_in_original_pixels():
