@@ -258,3 +258,27 @@ def test_a_calibrated_threshold_counts_and_travels_in_the_checkpoint(tmp_path):
     older = build_model(small_cfg())
     load_inference_weights(older, str(path))
     assert float(older.count_threshold) == -1
+
+
+def test_vote_benchmark_post_processing_equals_the_models_inference():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "p2p_vote.py"
+    spec = importlib.util.spec_from_file_location("_bench_p2p_vote", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    model = build_model(small_cfg(NUM_CLASSES=2, SCORE_THRESH=0.2)).eval()
+    anchors = anchor_points(6, 8, 8.0)
+    logits = torch.randn(1, len(anchors), 2)
+    points = anchors[None] + 6 * torch.randn(1, len(anchors), 2)
+    model.nms_box_size, model.detections_per_image, model.vote_radius = 0.0, 10 ** 9, 0.0
+    candidates = model.inference(logits, points, anchors, [{}], [(48, 64)])[0]["instances"]
+    for box, radius, most in ((12.0, 0.0, 100), (12.0, 8.0, 100), (20.0, 8.0, 5)):
+        model.nms_box_size, model.vote_radius, model.detections_per_image = box, radius, most
+        inst = model.inference(logits, points, anchors, [{}], [(48, 64)])[0]["instances"]
+        got = bench.post_process([candidates], box, radius, model.nms_thresh, most)[0]
+        assert 0 < len(got["points"]) == len(inst) <= most
+        torch.testing.assert_close(torch.from_numpy(got["points"]).float(), inst.pred_points)
+        assert got["scores"].tolist() == inst.scores.tolist()
+        assert got["classes"].tolist() == inst.pred_classes.tolist()
