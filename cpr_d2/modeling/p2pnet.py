@@ -147,6 +147,9 @@ class P2PNet(nn.Module):
         if point_loss not in POINT_LOSSES:
             raise ValueError(f"MODEL.P2PNET.POINT_LOSS must be one of {POINT_LOSSES}, got "
                              f"{point_loss!r}")
+        if not float(vote_radius) >= 0:  # NaN too
+            raise ValueError(f"MODEL.P2PNET.VOTE_RADIUS must be >= 0 (pixels; 0 = no vote), "
+                             f"got {vote_radius!r}")
         self.backbone = backbone
         self.head = head
         self.in_feature = in_feature

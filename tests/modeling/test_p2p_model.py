@@ -221,6 +221,8 @@ def test_batch_inference_returns_every_image_in_original_pixels():
     ("POINT_LOSS", "l1", "POINT_LOSS"),
     ("MATCHER_DISTANCE", "cosine", "DISTANCE"),
     ("MATCHER_TOPK", 0, "TOPK"),
+    ("VOTE_RADIUS", -8.0, "VOTE_RADIUS"),
+    ("VOTE_RADIUS", float("nan"), "VOTE_RADIUS"),
 ])
 def test_bad_config_values_name_the_key(key, value, match):
     with pytest.raises(ValueError, match=match):
