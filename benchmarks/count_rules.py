@@ -60,6 +60,24 @@ def rule_errors(train_scores, train_counts, test_scores, test_counts):
     return out
 
 
+def load_run(run):
+    """(cfg, model) of a training run directory: the model its config.yaml builds, with
+    the weights of its model_final.pth (benchmarks/p2p_vote.py uses it too)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    import cpr_d2  # noqa: F401  (registers the datasets and the architectures)
+    from cpr_d2.config import get_cpr_d2_cfg
+
+    cfg = get_cpr_d2_cfg()
+    cfg.merge_from_file(str(Path(run) / "config.yaml"))
+    cfg.MODEL.WEIGHTS = str(Path(run) / "model_final.pth")
+    cfg.freeze()
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    return cfg, model
+
+
 def predict_scores(cfg, model, dataset):
     """(scores per image, annotated count per image) over `dataset`, in its order."""
     import torch
@@ -86,23 +104,12 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", help="P2PNet run directories")
     args = parser.parse_args(argv)
 
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-
-    import cpr_d2  # noqa: F401  (registers the datasets and the architectures)
-    from cpr_d2.config import get_cpr_d2_cfg
-
     names = list(RULES) + ["soft"]
     table, counts = [], None
     print("| run | " + " | ".join(names) + " |")
     print("| --- | " + " | ".join("---:" for _ in names) + " |")
     for run in args.runs:
-        cfg = get_cpr_d2_cfg()
-        cfg.merge_from_file(str(Path(run) / "config.yaml"))
-        cfg.MODEL.WEIGHTS = str(Path(run) / "model_final.pth")
-        cfg.freeze()
-        model = build_model(cfg)
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        cfg, model = load_run(run)
         train = predict_scores(cfg, model, args.train)
         test = predict_scores(cfg, model, args.test)
         counts = (np.mean(train[1]), np.mean(test[1]))

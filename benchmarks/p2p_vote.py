@@ -74,11 +74,8 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", help="P2PNet run directories")
     args = parser.parse_args(argv)
 
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
+    from count_rules import load_run  # this folder's; registers the datasets too
 
-    import cpr_d2  # noqa: F401  (registers the datasets and the architectures)
-    from cpr_d2.config import get_cpr_d2_cfg
     from cpr_d2.evaluation.evaluator import load_point_ground_truth
     from cpr_d2.evaluation.point_ap import evaluate_point_ap
 
@@ -88,12 +85,7 @@ def main(argv=None):
     print("| run | NMS box | vote radius | " + " | ".join(COLUMNS) + " |")
     print("| --- | ---: | ---: | " + " | ".join("---:" for _ in COLUMNS) + " |")
     for run in args.runs:
-        cfg = get_cpr_d2_cfg()
-        cfg.merge_from_file(str(Path(run) / "config.yaml"))
-        cfg.MODEL.WEIGHTS = str(Path(run) / "model_final.pth")
-        cfg.freeze()
-        model = build_model(cfg)
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        cfg, model = load_run(run)
         inst = candidates(cfg, model, args.test)
         c = cfg.MODEL.P2PNET
         for box, radius in pairs:
