@@ -8,8 +8,8 @@ Each RUN_DIR is a P2PNet training run (its config.yaml and model_final.pth, e.g.
 pipeline's seed_0/p2p_centres). The model predicts every test image once, without NMS
 (every candidate above MODEL.P2PNET.SCORE_THRESH, at most TOPK_CANDIDATES); each
 (NMS box, vote radius) pair is then applied to those candidates with the package's own
-point_nms and point_vote, as P2PNet.inference does with MODEL.P2PNET.NMS_BOX_SIZE and
-VOTE_RADIUS, and scored with point AP. So the rows of one run differ by the
+nms_and_vote, the post-processing of P2PNet.inference (MODEL.P2PNET.NMS_BOX_SIZE and
+VOTE_RADIUS), and scored with point AP. So the rows of one run differ by the
 post-processing alone. The script prints AP@0.5 / AP@1 / AP@2 (and AP@0.5 of the COCO
 small and medium ranges) per run and pair, then per pair the mean over the runs and the
 mean change from the first box without a vote (the forest config's 16 px by default).
@@ -51,13 +51,12 @@ def candidates(cfg, model, dataset):
 
 def post_process(instances, box, radius, nms_thresh, max_points):
     """point AP detections of every image after NMS (box) and vote (radius)."""
-    from cpr_d2.modeling.p2pnet import point_nms, point_vote
+    from cpr_d2.modeling.p2pnet import nms_and_vote
 
     dets = []
     for inst in instances:
-        kept = point_nms(inst.pred_points, inst.scores, inst.pred_classes, box, nms_thresh)
-        kept = kept[:max_points]
-        points = point_vote(inst.pred_points, inst.scores, inst.pred_classes, kept, radius)
+        kept, points = nms_and_vote(inst.pred_points, inst.scores, inst.pred_classes, box,
+                                    nms_thresh, max_points, radius)
         dets.append({"points": points.double().numpy(), "scores": inst.scores[kept].numpy(),
                      "classes": inst.pred_classes[kept].numpy()})
     return dets

@@ -29,7 +29,7 @@ from .backbone import normalized_images, single_level_feature_name
 from .p2p_matcher import PointMatcher
 from .postprocess import original_size_and_scale, rescale_points
 
-__all__ = ["P2PHead", "P2PNet", "anchor_points", "point_nms", "point_vote"]
+__all__ = ["P2PHead", "P2PNet", "anchor_points", "point_nms", "point_vote", "nms_and_vote"]
 
 CLASS_LOSSES = ("focal", "softmax")
 POINT_LOSSES = ("smooth_l1", "l2")
@@ -79,6 +79,14 @@ def point_vote(points, scores, classes, kept, radius):
     weight = scores.double()[None, :] * near
     mean = weight @ points.double() / weight.sum(dim=1, keepdim=True)
     return mean.to(points.dtype)
+
+
+def nms_and_vote(points, scores, classes, box_size, iou_threshold, max_points, vote_radius):
+    """(kept, their points): the indices point_nms keeps, by decreasing score, at most
+    `max_points` of them, and their points after point_vote with `vote_radius` (the
+    post-processing of P2PNet.inference)."""
+    kept = point_nms(points, scores, classes, box_size, iou_threshold)[:max_points]
+    return kept, point_vote(points, scores, classes, kept, vote_radius)
 
 
 def _tower(in_channels, channels, num_convs):
@@ -319,10 +327,11 @@ class P2PNet(nn.Module):
             points = points[keep // self.num_classes]
             out_size, scale = original_size_and_scale(inp, (height, width), points)
             points = rescale_points(points, scale, clip_size=out_size)
-            kept = point_nms(points, scores, classes, self.nms_box_size, self.nms_thresh)
-            kept = kept[: self.detections_per_image]
+            kept, kept_points = nms_and_vote(points, scores, classes, self.nms_box_size,
+                                             self.nms_thresh, self.detections_per_image,
+                                             self.vote_radius)
             inst = Instances(out_size)
-            inst.pred_points = point_vote(points, scores, classes, kept, self.vote_radius)
+            inst.pred_points = kept_points
             inst.scores = scores[kept]
             inst.pred_classes = classes[kept]
             result = {"instances": inst}
