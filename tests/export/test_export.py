@@ -87,6 +87,7 @@ def test_numpy_decoding_of_the_raw_outputs_equals_the_model(predictor, images):
 def test_numpy_decoding_votes_as_the_model_does(predictor, images):
     decoder = _decoder()
     model = predictor.model
+    saved = model.vote_radius  # the config's: the module's other tests share the predictor
     try:
         model.vote_radius = 2.0 * model.stride
         params = decode_params(predictor.cfg, model)
@@ -112,33 +113,19 @@ def test_numpy_decoding_votes_as_the_model_does(predictor, images):
             decoder.decode(logits[0], offsets[0], size, dict(old, score_thresh=threshold))[0],
             unvoted[0])
     finally:
-        model.vote_radius = 0.0
+        model.vote_radius = saved
 
 
-# An untrained model's points sit on its 8 px anchor grid, so a vote radius of exactly one
-# stride (the forest config's) puts neighbours on the radius, where the last bits of
-# TorchScript's or ONNX's sums against eager ones decide; 10 px keeps them off it.
-OFF_GRID_VOTE_RADIUS = 10.0
-
-
-@pytest.fixture
-def off_grid_vote(predictor):
-    saved = predictor.model.vote_radius
-    predictor.model.vote_radius = OFF_GRID_VOTE_RADIUS
-    yield OFF_GRID_VOTE_RADIUS
-    predictor.model.vote_radius = saved
-
-
-def test_torchscript_and_onnx_match_the_eager_model(predictor, images, tmp_path, off_grid_vote):
+def test_torchscript_and_onnx_match_the_eager_model(predictor, images, tmp_path):
     out = tmp_path / "export"
     written = load_tool("export_model").main(load_tool("export_model").parse_args(
         ["--config-file", P2P, "--output", str(out), "MODEL.WEIGHTS", predictor.cfg.MODEL.WEIGHTS,
-         "OUTPUT_DIR", str(tmp_path / "run"), "MODEL.P2PNET.VOTE_RADIUS", str(off_grid_vote)]))
+         "OUTPUT_DIR", str(tmp_path / "run")]))
     assert sorted(os.path.basename(p) for p in written) == [
         "p2p_decode.py", "p2pnet.json", "p2pnet.onnx", "p2pnet.ts"]
     params = json.loads((out / "p2pnet.json").read_text())
     assert params["classes"] == [{"index": 0, "id": 1, "name": "tree"}]
-    assert params["vote_radius"] == off_grid_vote
+    assert params["vote_radius"] == predictor.model.vote_radius > 0  # the config votes
     decoder = _decoder()
     thresholds, expected = [], []
     for k, image in enumerate(images):
