@@ -148,6 +148,12 @@ def _add_cpr_refine_keys(cfg):
     # other object's disc of the same kind overlaps); 0 = the whole bag (the paper). A
     # refinement-only key; objects without a neighbour keep their whole bag.
     cfg.MODEL.CPR.REFINE_NEIGHBOUR_DISC = 0.0
+    # Refinement averages each object's refined point over the image and these flips of
+    # it ("horizontal", "vertical", "both": x -> width - x, y -> height - y, or both),
+    # each view refined by the same model and mapped back; empty = one view (the paper).
+    # A refinement-only key: a trained model refines again with it. The views cost one
+    # forward pass each (docs/cprnet.md, "Flip-averaged refinement").
+    cfg.MODEL.CPR.REFINE_FLIPS = []
     # Inference also returns each object's bag coordinates and scores (for
     # visualisation); off by default, it is N x (4R(R+1)+1) values per image.
     cfg.MODEL.CPR.RETURN_BAG_SCORES = False

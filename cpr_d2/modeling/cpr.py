@@ -99,7 +99,7 @@ class CPRNet(nn.Module):
                  focal_gamma=2.0, mil_weight=0.25, ann_weight=0.125, neg_weight=0.75,
                  refine_score_thresh=0.1, refine_relative_thresh=0.5, refine_ring_step=1.0,
                  refine_move_neighbour_fraction=0.0, refine_radius=0, refine_neighbour_disc=0.0,
-                 return_bag_scores=False, adaptive=None, pixel_mean, pixel_std):
+                 refine_flips=(), return_bag_scores=False, adaptive=None, pixel_mean, pixel_std):
         """adaptive: None (the paper's CPR) or a dict with stages, rings, alpha, min_radius
         and max_radius (pixels) and neighbour_fraction, optionally variance_weight,
         move_neighbour_fraction and move_fraction (see MODEL.CPR.ADAPTIVE)."""
@@ -135,6 +135,7 @@ class CPRNet(nn.Module):
                              f"bag; 0.5 = half the nearest-neighbour distance), got "
                              f"{refine_neighbour_disc!r}")
         self.refine_neighbour_disc = float(refine_neighbour_disc)
+        self.refine_flips = _check_flips(refine_flips)
         self.return_bag_scores = return_bag_scores
         self.adaptive = _check_adaptive(adaptive)
         if self.adaptive is not None and (self.refine_radius != radius
@@ -174,6 +175,7 @@ class CPRNet(nn.Module):
             "refine_move_neighbour_fraction": c.REFINE_MOVE_NEIGHBOUR_FRACTION,
             "refine_radius": c.REFINE_RADIUS,
             "refine_neighbour_disc": c.REFINE_NEIGHBOUR_DISC,
+            "refine_flips": c.REFINE_FLIPS,
             "return_bag_scores": c.RETURN_BAG_SCORES,
             "adaptive": _adaptive_from_config(c, shape.stride),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
@@ -199,6 +201,38 @@ class CPRNet(nn.Module):
         return instances
 
     def forward(self, batched_inputs):
+        if not self.training and self.refine_flips:
+            return self._refine_flip_averaged(batched_inputs)
+        return self._forward(batched_inputs)
+
+    @torch.no_grad()
+    def _refine_flip_averaged(self, batched_inputs):
+        """Refinement averaged over the image and its MODEL.CPR.REFINE_FLIPS: each view is
+        refined as one image, its points mapped back (a flip maps x to width - x in the
+        input's pixels and in the original image's alike), and per object the refined
+        points, scores and size estimates are averaged (adaptive regions: their centres
+        and radii too). A point that moves in no view stays exactly where it was. The
+        bag points and scores (RETURN_BAG_SCORES) and num_kept are the unflipped view's."""
+        targets = self._targets(batched_inputs)
+        views = []
+        for flip in ("none",) + self.refine_flips:
+            inputs = [_flipped_input(x, t, flip) for x, t in zip(batched_inputs, targets)]
+            outs = self._forward(inputs)
+            views.append([_unflip_result(o["instances"], flip) for o in outs])
+        results = []
+        for per_view in zip(*views):
+            inst = per_view[0]
+            for name in ("pred_points", "scores", "est_sizes", "region_centres", "regions"):
+                if inst.has(name):
+                    inst.set(name, torch.stack([v.get(name) for v in per_view]).mean(dim=0))
+            moved = torch.stack([v.refined for v in per_view]).any(dim=0)
+            # Where no view moved, the mean is the coarse point up to rounding: keep it exact.
+            inst.pred_points = torch.where(moved[:, None], inst.pred_points, inst.coarse_points)
+            inst.refined = moved & (inst.pred_points != inst.coarse_points).any(dim=1)
+            results.append({"instances": inst})
+        return results
+
+    def _forward(self, batched_inputs):
         images = normalized_images(batched_inputs, self.pixel_mean, self.pixel_std,
                                    self.backbone.size_divisibility)
         targets = self._targets(batched_inputs)
@@ -444,6 +478,58 @@ def _per_image(fn, counts, *tensors):
         start += n
         outs.append(fn(*(None if t is None else t[rows] for t in tensors)))
     return tuple(torch.cat(parts) for parts in zip(*outs))
+
+
+FLIPS = ("horizontal", "vertical", "both")
+
+
+def _check_flips(flips):
+    if isinstance(flips, str):
+        raise ValueError(f"MODEL.CPR.REFINE_FLIPS is a list of flips, got the string {flips!r}; "
+                         f"e.g. MODEL.CPR.REFINE_FLIPS \"['{flips}']\"")
+    flips = tuple(flips)
+    bad = [f for f in flips if f not in FLIPS]
+    if bad or len(set(flips)) != len(flips):
+        raise ValueError(f"MODEL.CPR.REFINE_FLIPS takes distinct flips out of {', '.join(FLIPS)} "
+                         f"(empty: refine the image as it is, the paper), got {list(flips)}; "
+                         "e.g. MODEL.CPR.REFINE_FLIPS \"['horizontal', 'vertical', 'both']\"")
+    return flips
+
+
+def _flip_points(points, width, height, flip):
+    out = points.clone()
+    if flip in ("horizontal", "both"):
+        out[..., 0] = width - out[..., 0]
+    if flip in ("vertical", "both"):
+        out[..., 1] = height - out[..., 1]
+    return out
+
+
+def _flipped_input(inp, instances, flip):
+    """The input dict `inp` with its image and annotated points (`instances`, on the
+    model's device) flipped; the unflipped view is `inp` itself."""
+    if flip == "none":
+        return inp
+    image = inp["image"]
+    height, width = image.shape[-2:]
+    dims = {"horizontal": [-1], "vertical": [-2], "both": [-2, -1]}[flip]
+    flipped = Instances(instances.image_size)
+    for name, value in instances.get_fields().items():
+        flipped.set(name, value)
+    flipped.gt_points = _flip_points(instances.gt_points, width, height, flip)
+    return {**inp, "image": image.flip(dims), "instances": flipped}
+
+
+def _unflip_result(inst, flip):
+    """A view's results mapped back to the unflipped image (inst.image_size is the
+    original image's (height, width), in whose pixels the points are)."""
+    if flip == "none":
+        return inst
+    height, width = inst.image_size
+    for name in ("pred_points", "region_centres", "bag_points"):
+        if inst.has(name):
+            inst.set(name, _flip_points(inst.get(name), width, height, flip))
+    return inst
 
 
 def _check_adaptive(adaptive):
