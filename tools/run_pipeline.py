@@ -4,7 +4,7 @@ P2PNet on coarse, refined and true-centre points -> point AP on the test set -> 
 
     python tools/run_pipeline.py [--output DIR] [--quick] [--seed 0 | --seeds 0 1 2]
         [--train-dataset forest] [--test-dataset forest_test]
-        [--cpr-config configs/forest/cpr_R18_s8_r2_c128_4x192_limit.yaml] [--p2p-config configs/forest/p2p_R18_s8.yaml]
+        [--cpr-config configs/forest/cpr_R18_s4_r4_f128_c64_4x192_disc_hflip.yaml] [--p2p-config configs/forest/p2p_R18_s8.yaml]
         [--cpr-iters N] [--p2p-iters N] [--iter-scale F] [--device cpu|cuda]
         [--coarse-seed S] [--subset N] [--folds K [--keep-unreliable agreed|coarse|refined]]
         [--force STAGE ...]
@@ -85,7 +85,7 @@ def build_parser():
     p.add_argument("--point-json", nargs=3, action="append", default=[],
                    metavar=("NAME", "JSON", "IMAGE_ROOT"),
                    help="register a point json as dataset NAME (repeatable)")
-    p.add_argument("--cpr-config", default="configs/forest/cpr_R18_s8_r2_c128_4x192_limit.yaml")
+    p.add_argument("--cpr-config", default="configs/forest/cpr_R18_s4_r4_f128_c64_4x192_disc_hflip.yaml")
     p.add_argument("--p2p-config", default="configs/forest/p2p_R18_s8.yaml")
     p.add_argument("--seed", type=int, default=None,
                    help="training seed of every stage (default 0)")
