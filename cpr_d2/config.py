@@ -87,6 +87,11 @@ def add_single_level_fpn_config(cfg):
     cfg.SOLVER.EMA = CN()
     cfg.SOLVER.EMA.ENABLED = False
     cfg.SOLVER.EMA.DECAY = 0.999
+    # How many of the periodic checkpoints (model_<iteration>.pth, every
+    # SOLVER.CHECKPOINT_PERIOD) a run keeps on disk, the newest; older ones of the same
+    # run are deleted as new ones are written. 0 keeps all (detectron2's behaviour).
+    # model_final.pth is always kept.
+    cfg.SOLVER.CHECKPOINT_MAX_KEEP = 0
     return cfg
 
 

@@ -127,6 +127,20 @@ def _periodic_before(save_dir, tagged):
     return [path for _, path in sorted(found, reverse=True)]
 
 
+def keep_newest_periodic(save_dir, resumed, keep):
+    """A run resumed from `resumed` with SOLVER.CHECKPOINT_MAX_KEEP `keep`: delete the
+    periodic checkpoints of save_dir written before it but the newest `keep` of them
+    (`resumed` counted when it is one); returns those kept, oldest first, for the
+    periodic checkpointer to go on from."""
+    kept = _periodic_before(save_dir, resumed)  # newest first
+    if _PERIODIC.match(os.path.basename(resumed)):
+        kept = [resumed] + kept
+    for path in kept[keep:]:
+        os.remove(path)
+        logger.info("SOLVER.CHECKPOINT_MAX_KEEP %d: deleted %s", keep, path)
+    return kept[:keep][::-1]
+
+
 def resume_checkpoint_file(checkpointer):
     """The checkpoint --resume continues from: the one save_dir/last_checkpoint names,
     when it can be read; else, with a warning naming it, the newest model_<iteration>.pth

@@ -51,6 +51,17 @@ def data_seed(cfg):
     return cfg.SEED if cfg.SEED >= 0 else int(comm.shared_random_seed())
 
 
+def checkpoint_max_keep(cfg):
+    """SOLVER.CHECKPOINT_MAX_KEEP checked: the number of periodic checkpoints a run keeps,
+    or None to keep all of them."""
+    keep = cfg.SOLVER.CHECKPOINT_MAX_KEEP
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise ValueError(
+            f"SOLVER.CHECKPOINT_MAX_KEEP is {keep!r}: it must be a whole number >= 0, the "
+            "count of the newest periodic checkpoints to keep (0 keeps all of them)")
+    return keep or None
+
+
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -92,6 +103,7 @@ class Trainer(DefaultTrainer):
             self.checkpointer, self.cfg.MODEL.WEIGHTS, resume=resume)
         if self._resumed_from:  # it holds the iteration that had just finished
             self.start_iter = self.iter + 1
+            self._trim_checkpoints(self._resumed_from)
         sampler = self.train_sampler
         if sampler is None:
             if self.start_iter:
@@ -105,6 +117,19 @@ class Trainer(DefaultTrainer):
         self._trainer._data_loader_iter = iter(self.data_loader)
         logger.info("Training data: seed %d, starting at sample %d (iteration %d)",
                     sampler.seed, sampler.start, self.start_iter)
+
+    def _trim_checkpoints(self, resumed):
+        """With SOLVER.CHECKPOINT_MAX_KEEP, the periodic checkpointer of a resumed run
+        also counts (and deletes in turn) the checkpoints the run wrote before."""
+        keep = checkpoint_max_keep(self.cfg)
+        if not keep or not comm.is_main_process():
+            return
+        from .checkpoint import keep_newest_periodic
+
+        for hook in self._hooks:
+            if isinstance(hook, hooks.PeriodicCheckpointer):
+                hook.recent_checkpoints = keep_newest_periodic(
+                    self.checkpointer.save_dir, resumed, keep)
 
     def state_dict(self):
         # DefaultTrainer saves the iteration and the hooks' state (the LR scheduler);
@@ -167,6 +192,11 @@ class Trainer(DefaultTrainer):
         the share of the machine's cores (cpr_d2.utils.threads)."""
         ret = [MachineShareHook()] + super().build_hooks()
         cfg = self.cfg
+        keep = checkpoint_max_keep(cfg)
+        if keep:
+            for hook in ret:
+                if isinstance(hook, hooks.PeriodicCheckpointer):
+                    hook.max_to_keep = keep
         if cfg.SOLVER.EMA.ENABLED:
             before = next((k for k, h in enumerate(ret) if isinstance(
                 h, (hooks.PeriodicCheckpointer, hooks.EvalHook))), len(ret))

@@ -45,6 +45,8 @@ def test_every_output_exists_and_parses(pipeline_run):
     assert all("coarse_point" in a for a in refined["annotations"] if not a["iscrowd"])
     for stage in ("cpr", "p2p_coarse", "p2p_refined", "p2p_centres"):
         assert (out / stage / "model_final.pth").is_file()
+        # Each stage kept only its newest periodic checkpoint (docs/training.md, "Disk").
+        assert "CHECKPOINT_MAX_KEEP: 1\n" in (out / stage / "config.yaml").read_text()
     assert len(results["pictures"]) == 2
     for picture in results["pictures"]:
         with Image.open(picture) as im:

@@ -267,3 +267,55 @@ def test_ema_run_killed_and_resumed_ends_with_the_uninterrupted_average(tmp_path
     _assert_identical(final["model"], reference["model"], "model")
     _assert_identical(_load(killed / "model_0000005.pth")["trainer"]["hooks"]["EMAHook"],
                       _load(straight / "model_0000005.pth")["trainer"]["hooks"]["EMAHook"], "EMA")
+
+
+def _periodic(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("model_"))
+
+
+def test_checkpoint_max_keep_keeps_the_newest_periodic_checkpoints_across_a_resume(tmp_path):
+    """SOLVER.CHECKPOINT_MAX_KEEP 2: the uninterrupted run keeps model_0000005/7; the run
+    killed after model_0000003 (1 and 3 on disk) counts them after its resume, so it
+    ends with the same files, and the same weights."""
+    straight, killed, log = _straight_and_killed(
+        tmp_path, overrides=("SOLVER.CHECKPOINT_MAX_KEEP", "2"))
+    assert "Starting training from iteration 4" in log
+    expected = ["model_0000005.pth", "model_0000007.pth", "model_final.pth"]
+    assert _periodic(straight) == expected
+    assert _periodic(killed) == expected
+    _assert_identical(_load(killed / "model_final.pth")["model"],
+                      _load(straight / "model_final.pth")["model"], "model")
+
+
+def test_keep_newest_periodic_deletes_only_older_checkpoints_of_the_run(tmp_path):
+    from cpr_d2.engine.checkpoint import keep_newest_periodic
+
+    for name in ("model_0000001.pth", "model_0000003.pth", "model_0000005.pth",
+                 "model_0000009.pth", "model_final.pth", "model_notes.pth"):
+        (tmp_path / name).write_bytes(b"x")
+    resumed = str(tmp_path / "model_0000005.pth")
+    kept = keep_newest_periodic(str(tmp_path), resumed, 2)
+    assert kept == [str(tmp_path / "model_0000003.pth"), resumed]
+    # Older ones beyond the count go; a newer one (another run's), the final model and
+    # files of other names stay.
+    assert _periodic(tmp_path) == ["model_0000003.pth", "model_0000005.pth",
+                                   "model_0000009.pth", "model_final.pth", "model_notes.pth"]
+    # Resumed from the final model: every periodic checkpoint counts as older.
+    kept = keep_newest_periodic(str(tmp_path), str(tmp_path / "model_final.pth"), 1)
+    assert kept == [str(tmp_path / "model_0000009.pth")]
+    assert _periodic(tmp_path) == ["model_0000009.pth", "model_final.pth", "model_notes.pth"]
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "2"])
+def test_checkpoint_max_keep_rejects_what_is_no_count(value):
+    from cpr_d2.config import get_cpr_d2_cfg
+    from cpr_d2.engine.trainer import checkpoint_max_keep
+
+    cfg = get_cpr_d2_cfg()
+    cfg.SOLVER.CHECKPOINT_MAX_KEEP = value
+    with pytest.raises(ValueError, match="SOLVER.CHECKPOINT_MAX_KEEP"):
+        checkpoint_max_keep(cfg)
+    cfg.SOLVER.CHECKPOINT_MAX_KEEP = 0
+    assert checkpoint_max_keep(cfg) is None
+    cfg.SOLVER.CHECKPOINT_MAX_KEEP = 3
+    assert checkpoint_max_keep(cfg) == 3
