@@ -15,6 +15,7 @@ interrupted.
 """
 import copy
 import hashlib
+import json
 import logging
 import os
 
@@ -124,25 +125,69 @@ def unrefined_rows(dicts, image_ids):
     return rows
 
 
+# Config keys that do not change the model a fold trains: refinement only (a trained
+# fold model refines again with other values of these), where it runs and writes.
+_NOT_TRAINING = ("MODEL.CPR.REFINE_", "MODEL.CPR.RETURN_BAG_SCORES", "MODEL.DEVICE",
+                 "MODEL.WEIGHTS", "TEST.", "OUTPUT_DIR", "DATASETS.", "DATALOADER.NUM_WORKERS",
+                 "VIS_PERIOD", "CUDNN_BENCHMARK", "SOLVER.CHECKPOINT_")
+
+
+def training_config(cfg):
+    """{dotted key: value} of the config keys that decide what a fold model learns
+    (every key but those of _NOT_TRAINING), values as json would write them."""
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = prefix + key
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            elif not name.startswith(_NOT_TRAINING):
+                flat[name] = value
+    walk(cfg, "")
+    return json.loads(json.dumps(flat))  # tuples become lists, as read back from the file
+
+
 def _fold_settings(cfg, source_json, folds):
     return {"source_json": os.path.abspath(source_json), "folds": max(folds.values()) + 1,
             "seed": int(cfg.SEED), "max_iter": int(cfg.SOLVER.MAX_ITER),
             "weights": cfg.MODEL.WEIGHTS,
-            "images": {str(k): v for k, v in sorted(folds.items(), key=lambda kv: str(kv[0]))}}
+            "images": {str(k): v for k, v in sorted(folds.items(), key=lambda kv: str(kv[0]))},
+            "training_config": training_config(cfg)}
+
+
+def _config_changes(old, new):
+    """'KEY: old -> new' for the keys whose values differ (at most 8 named)."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
+    named = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys[:8]]
+    return "; ".join(named) + (f"; and {len(keys) - 8} more" if len(keys) > 8 else "")
 
 
 def _check_work_dir(work_dir, settings):
     """Refuse a work dir that holds the folds of other settings (a stale fold model
-    would be reused); record the settings in a new one."""
+    would be reused); record the settings in a new one. The training config is
+    compared key by key (refinement keys excepted); a folds.json written before it was
+    recorded is trusted, with a warning."""
     manifest = os.path.join(work_dir, "folds.json")
     if os.path.isfile(manifest):
         old = read_json(manifest, "the folds' settings",
                         fix=f"remove {work_dir} to train the fold models afresh")
-        if old != settings:
-            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        fix = f"give another OUTPUT_DIR, or remove {work_dir} to train them afresh"
+        if "training_config" not in old:
+            logger.warning("%s does not record the config its fold models were trained with; "
+                           "they are reused as they are. If the config's training keys changed "
+                           "since, %s", manifest, fix)
+            settings = {**settings, "training_config": None}
+            old = {**old, "training_config": None}
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if changed:
+            named = [k for k in changed if k != "training_config"]
+            if "training_config" in changed:
+                named.append("config: " + _config_changes(old["training_config"],
+                                                          settings["training_config"]))
             raise ValueError(
-                f"{work_dir} holds fold models trained with other settings ({', '.join(changed)} "
-                f"differ); give another OUTPUT_DIR, or remove {work_dir} to train them afresh")
+                f"{work_dir} holds fold models trained with other settings ({'; '.join(named)}); "
+                f"{fix}")
         return
     if comm.is_main_process():
         os.makedirs(work_dir, exist_ok=True)

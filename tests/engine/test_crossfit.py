@@ -2,6 +2,7 @@
 by a model whose training set excludes it, the disagreement between fold models, a
 rerun that reuses the fold models, and --folds 1 as before."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -146,11 +147,35 @@ def test_refine_export_cross_fits_and_reuses_its_fold_models(tmp_path, capsys):
     assert [os.path.getmtime(work / f"fold_{k}" / "model_final.pth") for k in range(2)] == stamps
     assert json.loads((tmp_path / "again.json").read_text()) == out and again == rows
 
-    # Other training settings in the same folder are refused, not mixed.
+    # Other training settings in the same folder are refused, not mixed; the message
+    # names the keys and their values.
     with pytest.raises(ValueError, match=r"crossfit_2 holds fold models trained with other "
-                                         r"settings \(max_iter differ\)"):
+                                         r"settings \(max_iter; config: SOLVER.MAX_ITER: 2 -> 3\)"):
         run_refine(tmp_path, source, root, tmp_path / "third.json", 2, "SOLVER.MAX_ITER", "3")
     assert not (tmp_path / "third.json").exists()
+    with pytest.raises(ValueError, match=r"\(config: MODEL.CPR.RADIUS: 2 -> 3\); give another "
+                                         r"OUTPUT_DIR, or remove .*crossfit_2"):
+        run_refine(tmp_path, source, root, tmp_path / "third.json", 2, "MODEL.CPR.RADIUS", "3")
+    assert not (tmp_path / "third.json").exists()
+    # Keys of the refinement only reuse the fold models (trained once, refined again).
+    flipped = run_refine(tmp_path, source, root, tmp_path / "flipped.json", 2,
+                         "MODEL.CPR.REFINE_FLIPS", '["horizontal"]')
+    assert [os.path.getmtime(work / f"fold_{k}" / "model_final.pth") for k in range(2)] == stamps
+    assert flipped.keys() == rows.keys()
+    # A folds.json from before the training config was recorded: reused, with a warning.
+    manifest = json.loads((work / "folds.json").read_text())
+    del manifest["training_config"]
+    (work / "folds.json").write_text(json.dumps(manifest))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("cpr_d2.engine.crossfit").addHandler(handler)
+    try:
+        assert run_refine(tmp_path, source, root, tmp_path / "older.json", 2) == rows
+    finally:
+        logging.getLogger("cpr_d2.engine.crossfit").removeHandler(handler)
+    assert any("does not record the config its fold models were trained with" in r.getMessage()
+               for r in records)
 
 
 def test_one_fold_refines_with_the_given_model_as_before(tmp_path):
