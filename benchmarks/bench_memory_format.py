@@ -5,8 +5,9 @@
         [--steps 10] [--crops 4]
 
 Builds the config's model twice with the same weights, one of them with its weights in
-channels-last (the convolutions then compute and return channels-last maps), and times forward + backward on the same real training crops
-(the config's mapper), interleaved so that drift in the machine's speed hits both alike.
+channels-last (the convolutions then compute and return channels-last maps), and times
+forward + backward on the same real training crops (the config's mapper), interleaved
+so that drift in the machine's speed hits both alike.
 Also prints the largest difference between the two models' losses and gradients: the
 layouts compute the same function with sums in another order.
 """

@@ -82,11 +82,6 @@ def add_single_level_fpn_config(cfg):
     # Optimiser built by the tools: "SGD" (detectron2's, with SOLVER.MOMENTUM) or
     # "ADAM" (SOLVER.BASE_LR, SOLVER.WEIGHT_DECAY).
     cfg.SOLVER.OPTIMIZER = "SGD"
-    # Keep the model's weights, and so its feature maps, in torch's channels-last memory
-    # format: the same function with sums in another order, about 1.7x faster training
-    # steps of the forest configs on a CPU (benchmarks/bench_memory_format.py). Off by
-    # default: runs differ from those of the default layout by rounding.
-    cfg.MODEL.CHANNELS_LAST = False
     # An exponential moving average of the weights, which replaces them at the end of
     # training (cpr_d2/engine/ema.py); off by default.
     cfg.SOLVER.EMA = CN()

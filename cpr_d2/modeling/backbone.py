@@ -218,13 +218,3 @@ def normalized_images(batched_inputs, pixel_mean, pixel_std, size_divisibility):
     return ImageList.from_tensors(
         [(x["image"].to(device) - pixel_mean) / pixel_std for x in batched_inputs],
         size_divisibility)
-
-
-def apply_memory_format(model, channels_last):
-    """MODEL.CHANNELS_LAST: store `model`'s 4-d weights channels-last (its convolutions
-    then compute and return channels-last maps); a bool, else ValueError."""
-    if not isinstance(channels_last, bool):
-        raise ValueError(f"MODEL.CHANNELS_LAST must be True or False, got {channels_last!r}")
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model

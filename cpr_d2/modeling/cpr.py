@@ -29,7 +29,7 @@ from cpr_d2.data.classes import require_num_classes
 from cpr_d2.layers import (bag_coordinates, bag_gather, bilinear_gather, inside_image,
                            negative_mask)
 
-from .backbone import apply_memory_format, normalized_images, single_level_feature_name
+from .backbone import normalized_images, single_level_feature_name
 from .cpr_losses import annotation_loss, mil_loss, negative_loss, score_variance_loss
 from .cpr_refine import (kept_size, limit_move, nearest_neighbour_distance, refine_keep,
                          region_radius, weighted_centroid, within_distance)
@@ -99,8 +99,7 @@ class CPRNet(nn.Module):
                  focal_gamma=2.0, mil_weight=0.25, ann_weight=0.125, neg_weight=0.75,
                  refine_score_thresh=0.1, refine_relative_thresh=0.5, refine_ring_step=1.0,
                  refine_move_neighbour_fraction=0.0, refine_radius=0, refine_neighbour_disc=0.0,
-                 refine_flips=(), return_bag_scores=False, adaptive=None, pixel_mean, pixel_std,
-                 channels_last=False):
+                 refine_flips=(), return_bag_scores=False, adaptive=None, pixel_mean, pixel_std):
         """adaptive: None (the paper's CPR) or a dict with stages, rings, alpha, min_radius
         and max_radius (pixels) and neighbour_fraction, optionally variance_weight,
         move_neighbour_fraction and move_fraction (see MODEL.CPR.ADAPTIVE)."""
@@ -150,7 +149,6 @@ class CPRNet(nn.Module):
                              "MODEL.CPR.ADAPTIVE.MOVE_NEIGHBOUR_FRACTION instead")
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        apply_memory_format(self, channels_last)
 
     @classmethod
     def from_config(cls, cfg):
@@ -180,7 +178,6 @@ class CPRNet(nn.Module):
             "refine_flips": c.REFINE_FLIPS,
             "return_bag_scores": c.RETURN_BAG_SCORES,
             "adaptive": _adaptive_from_config(c, shape.stride),
-            "channels_last": cfg.MODEL.CHANNELS_LAST,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }

@@ -25,7 +25,7 @@ from fvcore.nn import sigmoid_focal_loss
 
 from cpr_d2.data.classes import require_num_classes
 
-from .backbone import apply_memory_format, normalized_images, single_level_feature_name
+from .backbone import normalized_images, single_level_feature_name
 from .p2p_matcher import PointMatcher
 from .postprocess import original_size_and_scale, rescale_points
 
@@ -147,8 +147,7 @@ class P2PNet(nn.Module):
                  background_weight=0.5, class_weight=1.0, point_loss="smooth_l1",
                  smooth_l1_beta=1.0 / 9, point_weight=0.5, matcher, score_thresh=0.05,
                  topk_candidates=1000, nms_box_size=32.0, nms_thresh=0.01,
-                 detections_per_image=100, vote_radius=0.0, pixel_mean, pixel_std,
-                 channels_last=False):
+                 detections_per_image=100, vote_radius=0.0, pixel_mean, pixel_std):
         super().__init__()
         if class_loss not in CLASS_LOSSES:
             raise ValueError(f"MODEL.P2PNET.CLASS_LOSS must be one of {CLASS_LOSSES}, got "
@@ -184,7 +183,6 @@ class P2PNet(nn.Module):
         # The counting threshold chosen on the training images (cpr_d2.engine.
         # count_calibration); negative = none, count with TEST.POINT_AP.COUNT_SCORE_THRESH.
         self.register_buffer("count_threshold", torch.tensor(-1.0))
-        apply_memory_format(self, channels_last)
 
     @classmethod
     def from_config(cls, cfg):
@@ -215,7 +213,6 @@ class P2PNet(nn.Module):
             "point_weight": c.POINT_WEIGHT,
             "matcher": PointMatcher(m.CLASS_COST, m.CLASS_WEIGHT, m.POINT_WEIGHT, m.DISTANCE,
                                     m.TOPK, c.FOCAL_ALPHA, c.FOCAL_GAMMA, m.CANDIDATES),
-            "channels_last": cfg.MODEL.CHANNELS_LAST,
             "score_thresh": c.SCORE_THRESH,
             "topk_candidates": c.TOPK_CANDIDATES,
             "nms_box_size": c.NMS_BOX_SIZE,
