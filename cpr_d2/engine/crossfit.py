@@ -158,8 +158,9 @@ def _fold_settings(cfg, source_json, folds):
 
 def _config_changes(old, new):
     """'KEY: old -> new' for the keys whose values differ (at most 8 named)."""
-    keys = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
-    named = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys[:8]]
+    absent = "<absent>"
+    keys = sorted(k for k in set(old) | set(new) if old.get(k, absent) != new.get(k, absent))
+    named = [f"{k}: {old.get(k, absent)!r} -> {new.get(k, absent)!r}" for k in keys[:8]]
     return "; ".join(named) + (f"; and {len(keys) - 8} more" if len(keys) > 8 else "")
 
 
