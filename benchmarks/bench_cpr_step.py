@@ -39,19 +39,20 @@ from cpr_d2.layers import bag_gather
 from cpr_d2.modeling.backbone import normalized_images
 
 
-def forest_batch(cfg, mapper):
-    """Two training crops of cfg.DATASETS.TRAIN[0] with >= 10 objects each (a typical
-    batch, not an empty corner), the same on every run."""
+def forest_batch(cfg, mapper, count=2, min_objects=10):
+    """`count` training crops of cfg.DATASETS.TRAIN[0] with >= `min_objects` objects each
+    (a typical batch, not an empty corner; from the most crowded images), the same on
+    every run."""
     records = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
     np.random.seed(0)  # detectron2's random crop draws from numpy
     batch = []
     for record in sorted(records, key=lambda r: -len(r["annotations"])):
         sample = mapper(record)
-        if len(sample["instances"]) >= 10:
+        if len(sample["instances"]) >= min_objects:
             batch.append(sample)
-        if len(batch) == 2:
+        if len(batch) == count:
             return batch
-    raise RuntimeError("no two crops with >= 10 objects")
+    raise RuntimeError(f"no {count} crops with >= {min_objects} objects")
 
 
 def median_ms(fn, steps):

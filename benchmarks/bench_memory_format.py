@@ -14,9 +14,7 @@ layouts compute the same function with sums in another order.
 import argparse
 import copy
 
-import numpy as np
 import torch
-from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
 import cpr_d2  # noqa: F401
@@ -25,23 +23,7 @@ from cpr_d2.data import PointDatasetMapper
 from cpr_d2.data.classes import resolve_num_classes
 
 # Scripts in benchmarks/ run with this folder on sys.path.
-from bench_cpr_step import interleaved_ms  # noqa: E402
-
-
-def training_crops(cfg, count):
-    """`count` training crops of cfg.DATASETS.TRAIN[0] with >= 5 objects each (from the
-    most crowded images), the same on every run."""
-    mapper = PointDatasetMapper(cfg, is_train=True)
-    np.random.seed(0)  # detectron2's random crop draws from numpy
-    batch = []
-    for record in sorted(DatasetCatalog.get(cfg.DATASETS.TRAIN[0]),
-                         key=lambda r: -len(r["annotations"])):
-        sample = mapper(record)
-        if len(sample["instances"]) >= 5:
-            batch.append(sample)
-        if len(batch) == count:
-            return batch
-    raise RuntimeError(f"no {count} crops with >= 5 objects")
+from bench_cpr_step import forest_batch, interleaved_ms  # noqa: E402
 
 
 def main():
@@ -60,7 +42,9 @@ def main():
     torch.manual_seed(0)
     model = build_model(cfg).train()
     last = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    batch = training_crops(cfg, args.crops or cfg.SOLVER.IMS_PER_BATCH)
+    # Four 192 px crops hold fewer trees than two of 256 px: at least 5 each.
+    batch = forest_batch(cfg, PointDatasetMapper(cfg, is_train=True),
+                         args.crops or cfg.SOLVER.IMS_PER_BATCH, min_objects=5)
 
     def step(m, b):
         m.zero_grad(set_to_none=True)

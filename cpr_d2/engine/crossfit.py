@@ -156,11 +156,18 @@ def _fold_settings(cfg, source_json, folds):
             "training_config": training_config(cfg)}
 
 
+_ABSENT = "<absent>"
+
+
+def _differing_keys(old, new):
+    """The sorted keys of two dicts whose values differ (a key one lacks counts)."""
+    return sorted(k for k in set(old) | set(new) if old.get(k, _ABSENT) != new.get(k, _ABSENT))
+
+
 def _config_changes(old, new):
     """'KEY: old -> new' for the keys whose values differ (at most 8 named)."""
-    absent = "<absent>"
-    keys = sorted(k for k in set(old) | set(new) if old.get(k, absent) != new.get(k, absent))
-    named = [f"{k}: {old.get(k, absent)!r} -> {new.get(k, absent)!r}" for k in keys[:8]]
+    keys = _differing_keys(old, new)
+    named = [f"{k}: {old.get(k, _ABSENT)!r} -> {new.get(k, _ABSENT)!r}" for k in keys[:8]]
     return "; ".join(named) + (f"; and {len(keys) - 8} more" if len(keys) > 8 else "")
 
 
@@ -180,7 +187,7 @@ def _check_work_dir(work_dir, settings):
                            "since, %s", manifest, fix)
             settings = {**settings, "training_config": None}
             old = {**old, "training_config": None}
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        changed = _differing_keys(old, settings)
         if changed:
             named = [k for k in changed if k != "training_config"]
             if "training_config" in changed:

@@ -119,17 +119,17 @@ class Trainer(DefaultTrainer):
                     sampler.seed, sampler.start, self.start_iter)
 
     def _trim_checkpoints(self, resumed):
-        """With SOLVER.CHECKPOINT_MAX_KEEP, the periodic checkpointer of a resumed run
-        also counts (and deletes in turn) the checkpoints the run wrote before."""
-        keep = checkpoint_max_keep(self.cfg)
-        if not keep or not comm.is_main_process():
+        """With SOLVER.CHECKPOINT_MAX_KEEP (the periodic checkpointer's max_to_keep, set
+        in build_hooks), the periodic checkpointer of a resumed run also counts (and
+        deletes in turn) the checkpoints the run wrote before."""
+        if not comm.is_main_process():
             return
         from .checkpoint import keep_newest_periodic
 
         for hook in self._hooks:
-            if isinstance(hook, hooks.PeriodicCheckpointer):
+            if isinstance(hook, hooks.PeriodicCheckpointer) and hook.max_to_keep:
                 hook.recent_checkpoints = keep_newest_periodic(
-                    self.checkpointer.save_dir, resumed, keep)
+                    self.checkpointer.save_dir, resumed, hook.max_to_keep)
 
     def state_dict(self):
         # DefaultTrainer saves the iteration and the hooks' state (the LR scheduler);
