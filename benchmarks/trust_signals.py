@@ -35,7 +35,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy.stats import rankdata
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -131,8 +130,6 @@ def main(argv=None):
                         help="the crossfit_2 folder of another seed's fold models")
     parser.add_argument("--dataset", default="forest", help="registered point dataset")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, int(os.environ.get("CPR_D2_THREADS", "0")) or
-                              torch.get_num_threads()))
     settings = read_json(os.path.join(args.crossfit, "folds.json"), "folds.json")
     if settings.get("folds") != FOLDS:
         sys.exit(f"{args.crossfit}: fold models of --folds {settings.get('folds')}; this "
