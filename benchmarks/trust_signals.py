@@ -39,8 +39,8 @@ from scipy.stats import rankdata
 
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT))
-sys.path.insert(0, str(_ROOT / "benchmarks"))
 
+# Scripts in benchmarks/ run with this folder on sys.path.
 from trust_vs_boxes import auc  # noqa: E402
 
 import cpr_d2  # noqa: E402,F401  (registers the datasets and models)

@@ -9,6 +9,7 @@ from detectron2.structures import Instances
 from cpr_d2.engine.count_calibration import (CountCalibrationHook, calibrate_count_threshold,
                                              calibration_split, held_out_files,
                                              choose_count_threshold)
+from tests.tool_loader import load_benchmark
 
 
 def test_choose_by_hand():
@@ -174,13 +175,7 @@ def test_calibrate_restores_training_mode():
 
 
 def _count_rules():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "count_rules.py"
-    spec = importlib.util.spec_from_file_location("_bench_count_rules", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("count_rules")
 
 
 def test_count_rules_of_the_benchmark_on_a_confidence_drop(np_rng):

@@ -1,18 +1,13 @@
 """benchmarks/trust_signals.py's per-object signals on constructed fold rows: which model
 is the written one, the flipped view recovered from the average, support and the labels."""
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from tests.tool_loader import load_benchmark
+
 
 def _bench():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "trust_signals.py"
-    spec = importlib.util.spec_from_file_location("_bench_trust_signals", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("trust_signals")
 
 
 def _row(point, coarse, score=0.5):

@@ -10,6 +10,7 @@ from detectron2.structures import Instances
 from cpr_d2.config import get_cpr_d2_cfg
 from cpr_d2.modeling import anchor_points, point_nms, point_vote
 from cpr_d2.modeling.p2pnet import anchor_offsets
+from tests.tool_loader import load_benchmark
 
 LN2 = math.log(2)
 
@@ -263,12 +264,7 @@ def test_a_calibrated_threshold_counts_and_travels_in_the_checkpoint(tmp_path):
 
 
 def test_vote_benchmark_post_processing_equals_the_models_inference():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "p2p_vote.py"
-    spec = importlib.util.spec_from_file_location("_bench_p2p_vote", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("p2p_vote")
     torch.manual_seed(0)
     model = build_model(small_cfg(NUM_CLASSES=2, SCORE_THRESH=0.2)).eval()
     anchors = anchor_points(6, 8, 8.0)
