@@ -71,7 +71,7 @@ _PROGRESS = re.compile(r"eta: |copypaste: |Error|error: |^refined \d+ of|WARNING
 QUICK_ITERS = {"cpr": 200, "p2p": 150}
 # The settings of a run directory written before the overrides were recorded.
 NO_OVERRIDES = {"opts": [], "cpr_opts": [], "p2p_opts": [], "folds": 1, "keep_unreliable": None}
-FULL_ITERS = {"cpr": 1500, "p2p": 1200}
+FULL_ITERS = {"cpr": 1500, "p2p": 800}
 
 
 def build_parser():

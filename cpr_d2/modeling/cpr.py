@@ -33,7 +33,8 @@ from .backbone import normalized_images, single_level_feature_name
 from .cpr_losses import annotation_loss, mil_loss, negative_loss, score_variance_loss
 from .cpr_refine import (kept_size, limit_move, nearest_neighbour_distance, refine_keep,
                          region_radius, weighted_centroid, within_distance)
-from .postprocess import original_size_and_scale, rescale_points
+from .postprocess import (check_flips, flip_points, flipped_image_input, original_size_and_scale,
+                          rescale_points)
 
 __all__ = ["CPRHead", "CPRNet"]
 
@@ -135,7 +136,7 @@ class CPRNet(nn.Module):
                              f"bag; 0.5 = half the nearest-neighbour distance), got "
                              f"{refine_neighbour_disc!r}")
         self.refine_neighbour_disc = float(refine_neighbour_disc)
-        self.refine_flips = _check_flips(refine_flips)
+        self.refine_flips = check_flips(refine_flips, "MODEL.CPR.REFINE_FLIPS")
         self.return_bag_scores = return_bag_scores
         self.adaptive = _check_adaptive(adaptive)
         if self.adaptive is not None and (self.refine_radius != radius
@@ -480,44 +481,17 @@ def _per_image(fn, counts, *tensors):
     return tuple(torch.cat(parts) for parts in zip(*outs))
 
 
-FLIPS = ("horizontal", "vertical", "both")
-
-
-def _check_flips(flips):
-    if isinstance(flips, str):
-        raise ValueError(f"MODEL.CPR.REFINE_FLIPS is a list of flips, got the string {flips!r}; "
-                         f"e.g. MODEL.CPR.REFINE_FLIPS \"['{flips}']\"")
-    flips = tuple(flips)
-    bad = [f for f in flips if f not in FLIPS]
-    if bad or len(set(flips)) != len(flips):
-        raise ValueError(f"MODEL.CPR.REFINE_FLIPS takes distinct flips out of {', '.join(FLIPS)} "
-                         f"(empty: refine the image as it is, the paper), got {list(flips)}; "
-                         "e.g. MODEL.CPR.REFINE_FLIPS \"['horizontal', 'vertical', 'both']\"")
-    return flips
-
-
-def _flip_points(points, width, height, flip):
-    out = points.clone()
-    if flip in ("horizontal", "both"):
-        out[..., 0] = width - out[..., 0]
-    if flip in ("vertical", "both"):
-        out[..., 1] = height - out[..., 1]
-    return out
-
-
 def _flipped_input(inp, instances, flip):
     """The input dict `inp` with its image and annotated points (`instances`, on the
     model's device) flipped; the unflipped view is `inp` itself."""
     if flip == "none":
         return inp
-    image = inp["image"]
-    height, width = image.shape[-2:]
-    dims = {"horizontal": [-1], "vertical": [-2], "both": [-2, -1]}[flip]
+    height, width = inp["image"].shape[-2:]
     flipped = Instances(instances.image_size)
     for name, value in instances.get_fields().items():
         flipped.set(name, value)
-    flipped.gt_points = _flip_points(instances.gt_points, width, height, flip)
-    return {**inp, "image": image.flip(dims), "instances": flipped}
+    flipped.gt_points = flip_points(instances.gt_points, width, height, flip)
+    return {**flipped_image_input(inp, flip), "instances": flipped}
 
 
 def _unflip_result(inst, flip):
@@ -528,7 +502,7 @@ def _unflip_result(inst, flip):
     height, width = inst.image_size
     for name in ("pred_points", "region_centres", "bag_points"):
         if inst.has(name):
-            inst.set(name, _flip_points(inst.get(name), width, height, flip))
+            inst.set(name, flip_points(inst.get(name), width, height, flip))
     return inst
 
 

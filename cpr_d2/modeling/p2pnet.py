@@ -27,9 +27,11 @@ from cpr_d2.data.classes import require_num_classes
 
 from .backbone import normalized_images, single_level_feature_name
 from .p2p_matcher import PointMatcher
-from .postprocess import original_size_and_scale, rescale_points
+from .postprocess import (check_flips, flip_points, flipped_image_input, original_size_and_scale,
+                          rescale_points)
 
-__all__ = ["P2PHead", "P2PNet", "anchor_points", "point_nms", "point_vote", "nms_and_vote"]
+__all__ = ["P2PHead", "P2PNet", "anchor_points", "fuse_views", "point_nms", "point_vote",
+           "nms_and_vote"]
 
 CLASS_LOSSES = ("focal", "softmax")
 POINT_LOSSES = ("smooth_l1", "l2")
@@ -87,6 +89,35 @@ def nms_and_vote(points, scores, classes, box_size, iou_threshold, max_points, v
     post-processing of P2PNet.inference)."""
     kept = point_nms(points, scores, classes, box_size, iou_threshold)[:max_points]
     return kept, point_vote(points, scores, classes, kept, vote_radius)
+
+
+def fuse_views(points, scores, classes, views, num_views, box_size, iou_threshold,
+               max_points):
+    """One set of points out of the points that several views of an image kept (each
+    view's own NMS and vote done, its points mapped back to the image): (points, scores,
+    classes), by decreasing score, at most `max_points`.
+
+    The points that point_nms keeps over all views together lead the groups; every point
+    joins the nearest leader of its class (Chebyshev distance, the metric of the NMS
+    boxes). A group's score is the mean over the `num_views` views of the view's best
+    score in the group (0 for a view without a point there), so an object that only one
+    view finds scores lower than one they all find; its point is the score-weighted
+    mean of the group's points. `views` (N,) says which view kept each point."""
+    leaders = point_nms(points, scores, classes, box_size, iou_threshold)
+    if len(leaders) == 0:
+        return points[:0], scores[:0], classes[:0]
+    distance = (points[:, None, :] - points[leaders][None]).abs().amax(dim=2)
+    distance[classes[:, None] != classes[leaders][None]] = float("inf")
+    group = distance.argmin(dim=1)
+    best = scores.new_zeros(len(leaders) * num_views)
+    best.scatter_reduce_(0, group * num_views + views, scores, reduce="amax")
+    fused_scores = best.view(len(leaders), num_views).sum(dim=1) / num_views
+    weight = scores.double()
+    total = weight.new_zeros(len(leaders)).index_add_(0, group, weight)
+    mean = weight.new_zeros(len(leaders), 2).index_add_(0, group, points.double() * weight[:, None])
+    fused_points = (mean / total[:, None]).to(points.dtype)
+    order = fused_scores.argsort(descending=True)[:max_points]
+    return fused_points[order], fused_scores[order], classes[leaders][order]
 
 
 def _tower(in_channels, channels, num_convs):
@@ -147,7 +178,8 @@ class P2PNet(nn.Module):
                  background_weight=0.5, class_weight=1.0, point_loss="smooth_l1",
                  smooth_l1_beta=1.0 / 9, point_weight=0.5, matcher, score_thresh=0.05,
                  topk_candidates=1000, nms_box_size=32.0, nms_thresh=0.01,
-                 detections_per_image=100, vote_radius=0.0, pixel_mean, pixel_std):
+                 detections_per_image=100, vote_radius=0.0, test_flips=(), pixel_mean,
+                 pixel_std):
         super().__init__()
         if class_loss not in CLASS_LOSSES:
             raise ValueError(f"MODEL.P2PNET.CLASS_LOSS must be one of {CLASS_LOSSES}, got "
@@ -178,6 +210,7 @@ class P2PNet(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_image = detections_per_image
         self.vote_radius = float(vote_radius)
+        self.test_flips = check_flips(test_flips, "MODEL.P2PNET.TEST_FLIPS")
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         # The counting threshold chosen on the training images (cpr_d2.engine.
@@ -219,6 +252,7 @@ class P2PNet(nn.Module):
             "nms_thresh": c.NMS_THRESH,
             "detections_per_image": c.DETECTIONS_PER_IMAGE,
             "vote_radius": c.VOTE_RADIUS,
+            "test_flips": c.TEST_FLIPS,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
@@ -227,21 +261,29 @@ class P2PNet(nn.Module):
     def device(self):
         return self.pixel_mean.device
 
-    def forward(self, batched_inputs):
+    def _predict(self, batched_inputs):
+        """(images, logits (B, A, num_logits), predicted points (B, A, 2), anchors (A, 2)),
+        the points in the pixels of the network's input."""
         images = normalized_images(batched_inputs, self.pixel_mean, self.pixel_std,
                                    self.backbone.size_divisibility)
         features = self.backbone(images.tensor)[self.in_feature]
         logits, offsets = self.head(features)
         anchors = anchor_points(features.shape[2], features.shape[3], self.stride,
                                 self.anchor_rows, self.anchor_cols, self.device)
-        pred_points = anchors[None] + self.stride * offsets
-        if self.training:
-            if any("instances" not in x for x in batched_inputs):
-                raise ValueError("P2PNet training needs 'instances' (gt_points, gt_classes) in "
-                                 "every input; use PointDatasetMapper(cfg, is_train=True)")
-            targets = [x["instances"].to(self.device) for x in batched_inputs]
-            return self.losses(logits, pred_points, targets)
-        return self.inference(logits, pred_points, anchors, batched_inputs, images.image_sizes)
+        return images, logits, anchors[None] + self.stride * offsets, anchors
+
+    def forward(self, batched_inputs):
+        if not self.training and self.test_flips:
+            return self._flip_fused(batched_inputs)
+        images, logits, pred_points, anchors = self._predict(batched_inputs)
+        if not self.training:
+            return self.inference(logits, pred_points, anchors, batched_inputs,
+                                  images.image_sizes)
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError("P2PNet training needs 'instances' (gt_points, gt_classes) in "
+                             "every input; use PointDatasetMapper(cfg, is_train=True)")
+        targets = [x["instances"].to(self.device) for x in batched_inputs]
+        return self.losses(logits, pred_points, targets)
 
     def _check_classes(self, targets):
         for t in targets:
@@ -308,16 +350,52 @@ class P2PNet(nn.Module):
             return logits.sigmoid()
         return logits.softmax(dim=-1)[..., :-1]
 
-    @torch.no_grad()
-    def inference(self, logits, pred_points, anchors, batched_inputs, image_sizes):
+    def _dense_outputs(self, logits, pred_points, anchors, image_sizes):
+        """Per image of the batch: (scores (A, num_classes), points (A, 2), (height, width))
+        of the A anchors inside the image, points in the pixels of the network's input."""
         scores_all = self._scores(logits)
-        threshold = float(self.count_threshold)
-        results = []
-        for b, (inp, (height, width)) in enumerate(zip(batched_inputs, image_sizes)):
+        out = []
+        for b, (height, width) in enumerate(image_sizes):
             # Anchors in the batch padding belong to no image.
             inside = (anchors[:, 0] < width) & (anchors[:, 1] < height)
-            scores = scores_all[b][inside].reshape(-1)
-            points = pred_points[b][inside]
+            out.append((scores_all[b][inside], pred_points[b][inside], (height, width)))
+        return out
+
+    @torch.no_grad()
+    def _flip_fused(self, batched_inputs):
+        """Inference on each input and on its MODEL.P2PNET.TEST_FLIPS, every view's kept
+        points mapped back to the image and fused (fuse_views)."""
+        views = []
+        for flip in ("none",) + self.test_flips:
+            inputs = [flipped_image_input(x, flip) for x in batched_inputs]
+            images, logits, pred_points, anchors = self._predict(inputs)
+            outs = self.inference(logits, pred_points, anchors, inputs, images.image_sizes)
+            views.append([o["instances"] for o in outs])
+            for inst in views[-1]:
+                height, width = inst.image_size
+                inst.pred_points = flip_points(inst.pred_points, width, height, flip)
+        results = []
+        for per_view in zip(*views):
+            fused = Instances(per_view[0].image_size)
+            fused.pred_points, fused.scores, fused.pred_classes = fuse_views(
+                torch.cat([v.pred_points for v in per_view]),
+                torch.cat([v.scores for v in per_view]),
+                torch.cat([v.pred_classes for v in per_view]),
+                torch.cat([torch.full((len(v),), k, dtype=torch.int64, device=self.device)
+                           for k, v in enumerate(per_view)]),
+                len(per_view), self.nms_box_size, self.nms_thresh, self.detections_per_image)
+            results.append(self._result(fused))
+        return results
+
+    @torch.no_grad()
+    def inference(self, logits, pred_points, anchors, batched_inputs, image_sizes):
+        """The kept points, scores and classes (the class docstring) of the network's
+        outputs for one view of each input: score threshold, top-k, NMS and vote, the
+        points taken to the original image's pixels."""
+        dense = self._dense_outputs(logits, pred_points, anchors, image_sizes)
+        results = []
+        for inp, (scores, points, (height, width)) in zip(batched_inputs, dense):
+            scores = scores.reshape(-1)
             keep = (scores > self.score_thresh).nonzero().squeeze(1)
             scores = scores[keep]
             if len(scores) > self.topk_candidates:
@@ -334,9 +412,14 @@ class P2PNet(nn.Module):
             inst.pred_points = kept_points
             inst.scores = scores[kept]
             inst.pred_classes = classes[kept]
-            result = {"instances": inst}
-            if threshold >= 0:
-                result["count_threshold"] = threshold
-                result["count"] = int((inst.scores > threshold).sum())
-            results.append(result)
+            results.append(self._result(inst))
         return results
+
+    def _result(self, inst):
+        """{"instances": inst}, with the count above the calibrated threshold if any."""
+        result = {"instances": inst}
+        threshold = float(self.count_threshold)
+        if threshold >= 0:
+            result["count_threshold"] = threshold
+            result["count"] = int((inst.scores > threshold).sum())
+        return result

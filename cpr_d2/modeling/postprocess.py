@@ -4,9 +4,51 @@ and P2PNet's inference alike (what detectron2's ``detector_postprocess`` does fo
 The network sees each image resized (its size in the ImageList, before padding); the
 input dict's "height" and "width" give the original size. Points are scaled per axis by
 original / input, x by width and y by height.
+
+Flipped views (CPRNet's MODEL.CPR.REFINE_FLIPS, P2PNet's MODEL.P2PNET.TEST_FLIPS): a
+flip maps x to width - x (y to height - y) in the input's pixels and in the original
+image's alike, so a view's points are mapped back before or after the rescaling.
 """
 
-__all__ = ["original_size_and_scale", "rescale_points"]
+__all__ = ["FLIPS", "check_flips", "flip_points", "flipped_image_input",
+           "original_size_and_scale", "rescale_points"]
+
+FLIPS = ("horizontal", "vertical", "both")
+_FLIP_DIMS = {"horizontal": [-1], "vertical": [-2], "both": [-2, -1]}
+
+
+def check_flips(flips, key):
+    """`flips` (a config list) as a tuple of distinct names out of FLIPS; ValueError naming
+    the config `key` otherwise (a bare string too, which would read as its letters)."""
+    if isinstance(flips, str):
+        raise ValueError(f"{key} is a list of flips, got the string {flips!r}; "
+                         f"e.g. {key} \"['{flips}']\"")
+    flips = tuple(flips)
+    bad = [f for f in flips if f not in FLIPS]
+    if bad or len(set(flips)) != len(flips):
+        raise ValueError(f"{key} takes distinct flips out of {', '.join(FLIPS)} "
+                         f"(empty: the image as it is), got {list(flips)}; "
+                         f"e.g. {key} \"['horizontal', 'vertical', 'both']\"")
+    return flips
+
+
+def flip_points(points, width, height, flip):
+    """Points (..., 2), (x, y), of an image of `width` x `height` mapped by `flip` ("none"
+    or one of FLIPS), as a new tensor; a flip is its own inverse."""
+    out = points.clone()
+    if flip in ("horizontal", "both"):
+        out[..., 0] = width - out[..., 0]
+    if flip in ("vertical", "both"):
+        out[..., 1] = height - out[..., 1]
+    return out
+
+
+def flipped_image_input(inp, flip):
+    """The input dict `inp` with its "image" (C, H, W) flipped (other keys as they are);
+    `inp` itself for "none"."""
+    if flip == "none":
+        return inp
+    return {**inp, "image": inp["image"].flip(_FLIP_DIMS[flip])}
 
 
 def original_size_and_scale(batched_input, image_size, like):
