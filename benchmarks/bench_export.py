@@ -68,21 +68,27 @@ def main(argv=None):
                                    providers=["CPUExecutionProvider"])
     traced = torch.jit.load(os.path.join(folder, "p2pnet.ts"))
 
+    # Every view of the config (MODEL.P2PNET.TEST_FLIPS) on both sides, as the eager
+    # model predicts it.
+    def decoded(run):
+        views = p2p_decode.prepare_views(image, params)
+        outputs = [tuple(t[0] for t in run(batch)) for batch, _ in views]
+        return p2p_decode.decode_views(outputs, views[0][1], params)
+
     def onnx_run():
-        batch, size = p2p_decode.prepare(image, params)
-        logits, offsets = session.run(None, {"image": batch})
-        return p2p_decode.decode(logits[0], offsets[0], size, params)
+        return decoded(lambda batch: session.run(None, {"image": batch}))
 
     def ts_run():
-        batch, size = p2p_decode.prepare(image, params)
-        with torch.no_grad():
-            logits, offsets = (t.numpy() for t in traced(torch.from_numpy(batch)))
-        return p2p_decode.decode(logits[0], offsets[0], size, params)
+        def run(batch):
+            with torch.no_grad():
+                return tuple(t.numpy() for t in traced(torch.from_numpy(batch)))
+        return decoded(run)
 
     eager = median_seconds(lambda: predictor(image), args.repeats)
     onnx = median_seconds(onnx_run, args.repeats)
     script = median_seconds(ts_run, args.repeats)
-    print(f"{args.size} x {args.size} px, {torch.get_num_threads()} torch threads, "
+    print(f"{args.size} x {args.size} px, {1 + len(params.get('test_flips') or ())} view(s), "
+          f"{torch.get_num_threads()} torch threads, "
           f"onnxruntime {ort.__version__}, median of {args.repeats}")
     print("| model | ms | ratio eager / this |")
     print("| --- | ---: | ---: |")

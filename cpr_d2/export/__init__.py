@@ -71,6 +71,7 @@ def decode_params(cfg, model, classes=None):
         "nms_thresh": float(model.nms_thresh),
         "detections_per_image": int(model.detections_per_image),
         "vote_radius": float(model.vote_radius),
+        "test_flips": list(model.test_flips),
         "count_threshold": threshold if threshold >= 0 else None,
         "classes": [{"index": k, "id": int(i), "name": n}
                     for k, (n, i) in enumerate(zip(names, ids))],

@@ -13,6 +13,16 @@ numpy only. With the model's ``p2pnet.json`` and onnxruntime::
     logits, offsets = session.run(None, {"image": batch})
     points, scores, classes = p2p_decode.decode(logits[0], offsets[0], size, params)
 
+A model that predicts with test-time flips (``params["test_flips"]``, from
+MODEL.P2PNET.TEST_FLIPS) runs once per view and fuses the views::
+
+    views = p2p_decode.prepare_views(image_bgr, params)    # [(batch, size)], one per view
+    outputs = [session.run(None, {"image": batch}) for batch, _ in views]
+    points, scores, classes = p2p_decode.decode_views(
+        [(logits[0], offsets[0]) for logits, offsets in outputs], views[0][1], params)
+
+(with no flips, ``decode_views`` of the one view equals ``decode``).
+
 ``points`` (N, 2) are x, y in the image's pixels, ``scores`` (N,) and ``classes``
 (N,) the model's class indices (``params["classes"]`` has their names and dataset
 ids), by decreasing score. The network takes a float32 (1, 3, H, W) image whose
@@ -23,7 +33,11 @@ feature map (A anchor points per cell, L logits per anchor).
 """
 import numpy as np
 
-__all__ = ["anchor_points", "decode", "nms", "prepare", "vote"]
+__all__ = ["anchor_points", "decode", "decode_views", "fuse_views", "nms", "prepare",
+           "prepare_views", "vote"]
+
+# Axes of an H x W x 3 image that each flip reverses (cpr_d2.modeling.postprocess.FLIPS).
+_FLIP_AXES = {"none": (), "horizontal": (1,), "vertical": (0,), "both": (0, 1)}
 
 
 def prepare(image, params):
@@ -142,3 +156,67 @@ def decode(logits, offsets, size, params, out_size=None):
     # Exports written before VOTE_RADIUS existed have no "vote_radius": no vote.
     voted = vote(points, scores, classes, kept, float(params.get("vote_radius", 0.0)))
     return voted, scores[kept], classes[kept]
+
+
+def _flips(params):
+    # Exports written before TEST_FLIPS existed have no "test_flips": one view.
+    return ("none",) + tuple(params.get("test_flips") or ())
+
+
+def prepare_views(image, params):
+    """[(batch, (height, width))] of prepare for the image and for each of its flips in
+    params["test_flips"], in that order (one entry without flips)."""
+    image = np.asarray(image)
+    return [prepare(np.ascontiguousarray(np.flip(image, _FLIP_AXES[flip])) if flip != "none"
+                    else image, params) for flip in _flips(params)]
+
+
+def fuse_views(points, scores, classes, views, num_views, box_size, iou_threshold,
+               max_points):
+    """One set of points out of the points several views kept, mapped back to the image
+    (cpr_d2.modeling.p2pnet.fuse_views): the points nms keeps over all views lead groups,
+    every point joins the nearest leader of its class (Chebyshev distance); a group
+    scores the mean over the views of each view's best score in it (0 where a view has
+    none) and lies at the score-weighted mean of its points. By decreasing score, at
+    most max_points."""
+    leaders = nms(points, scores, classes, box_size, iou_threshold)
+    if len(leaders) == 0:
+        return points[:0], scores[:0], classes[:0]
+    distance = np.abs(points[:, None, :] - points[leaders][None]).max(axis=2)
+    distance[classes[:, None] != classes[leaders][None]] = np.inf
+    group = np.argmin(distance, axis=1)
+    best = np.zeros((len(leaders), num_views), scores.dtype)
+    np.maximum.at(best, (group, views), scores)
+    fused_scores = (best.sum(axis=1) / np.float32(num_views)).astype(scores.dtype)
+    weight = scores.astype(np.float64)
+    total = np.bincount(group, weight, minlength=len(leaders))
+    mean = np.stack([np.bincount(group, weight * points[:, k].astype(np.float64),
+                                 minlength=len(leaders)) for k in (0, 1)], axis=1)
+    fused_points = (mean / total[:, None]).astype(points.dtype)
+    order = np.argsort(-fused_scores, kind="stable")[:max_points]
+    return fused_points[order], fused_scores[order], classes[leaders][order]
+
+
+def decode_views(outputs, size, params, out_size=None):
+    """(points, scores, classes) of one image from the raw outputs of its views
+    (`outputs`: [(logits, offsets)] in prepare_views' order): each view decoded, its
+    points flipped back, then fuse_views; one view is decode itself."""
+    flips = _flips(params)
+    if len(outputs) != len(flips):
+        raise ValueError(f"expected the outputs of {len(flips)} views ({', '.join(flips)}: "
+                         f"prepare_views), got {len(outputs)}")
+    if len(flips) == 1:
+        return decode(outputs[0][0], outputs[0][1], size, params, out_size)
+    out_h, out_w = out_size or size
+    parts = []
+    for k, (flip, (logits, offsets)) in enumerate(zip(flips, outputs)):
+        points, scores, classes = decode(logits, offsets, size, params, out_size)
+        points = points.copy()
+        if flip in ("horizontal", "both"):
+            points[:, 0] = np.float32(out_w) - points[:, 0]
+        if flip in ("vertical", "both"):
+            points[:, 1] = np.float32(out_h) - points[:, 1]
+        parts.append((points, scores, classes, np.full(len(points), k, np.int64)))
+    points, scores, classes, views = (np.concatenate(x) for x in zip(*parts))
+    return fuse_views(points, scores, classes, views, len(flips), params["nms_box_size"],
+                      params["nms_thresh"], int(params["detections_per_image"]))

@@ -46,16 +46,21 @@ def images():
 
 def _threshold_in_a_gap(model, image):
     """A score threshold halfway through the widest gap among the 300 best scores of the
-    image: the points it keeps are the same whatever the last bits of the scores (an
-    untrained model's scores are all close to its prior)."""
+    image and its test-time flips: the points it keeps are the same whatever the last
+    bits of the scores (an untrained model's scores are all close to its prior)."""
     raw = P2PNetRaw(model).eval()
     d = model.backbone.size_divisibility
     h, w = image.shape[:2]
-    x = torch.zeros(1, 3, -(-h // d) * d, -(-w // d) * d) + model.pixel_mean
-    x[0, :, :h, :w] = torch.as_tensor(image.transpose(2, 0, 1).copy()).float()
-    with torch.no_grad():
-        logits, _ = raw(x)
-    scores = np.sort(logits.sigmoid().flatten().numpy())[::-1][:300]
+    axes = {"horizontal": (1,), "vertical": (0,), "both": (0, 1)}
+    views = [image] + [np.flip(image, axes[f]) for f in model.test_flips]
+    scores = []
+    for view in views:
+        x = torch.zeros(1, 3, -(-h // d) * d, -(-w // d) * d) + model.pixel_mean
+        x[0, :, :h, :w] = torch.as_tensor(view.transpose(2, 0, 1).copy()).float()
+        with torch.no_grad():
+            logits, _ = raw(x)
+        scores.append(logits.sigmoid().flatten().numpy())
+    scores = np.sort(np.concatenate(scores))[::-1][:300]
     gaps = scores[:-1] - scores[1:]
     k = int(np.argmax(gaps[20:])) + 20  # keep at least 20 points
     return float((scores[k] + scores[k + 1]) / 2)
@@ -67,29 +72,71 @@ def _eager(predictor, image, threshold):
     return inst.pred_points.numpy(), inst.scores.numpy(), inst.pred_classes.numpy()
 
 
+def _decode_views(decoder, run, image, params):
+    """decode_views of `image`, the network run on each view by `run` (batch -> logits,
+    offsets as numpy)."""
+    views = decoder.prepare_views(image, params)
+    outputs = [tuple(t[0] for t in run(batch)) for batch, _ in views]
+    return decoder.decode_views(outputs, views[0][1], params)
+
+
+def _raw_numpy(model):
+    raw = P2PNetRaw(model).eval()
+
+    def run(batch):
+        with torch.no_grad():
+            return tuple(t.numpy() for t in raw(torch.from_numpy(batch)))
+    return run
+
+
 def test_numpy_decoding_of_the_raw_outputs_equals_the_model(predictor, images):
+    """The forest config predicts with a left-right flip: both views decoded and fused."""
     decoder = _decoder()
     params = decode_params(predictor.cfg, predictor.model)
-    raw = P2PNetRaw(predictor.model).eval()
+    assert params["test_flips"] == ["horizontal"]
     for image in images:
         threshold = _threshold_in_a_gap(predictor.model, image)
         points, scores, classes = _eager(predictor, image, threshold)
-        batch, size = decoder.prepare(image, dict(params))
-        with torch.no_grad():
-            logits, offsets = (t.numpy() for t in raw(torch.from_numpy(batch)))
-        got = decoder.decode(logits[0], offsets[0], size, dict(params, score_thresh=threshold))
+        got = _decode_views(decoder, _raw_numpy(predictor.model), image,
+                            dict(params, score_thresh=threshold))
         assert len(got[0]) == len(points) >= 5  # 20 or more before the NMS
         np.testing.assert_allclose(got[0], points, atol=1e-4)
         np.testing.assert_allclose(got[1], scores, atol=1e-6)
         np.testing.assert_array_equal(got[2], classes)
 
 
+def test_numpy_decoding_of_one_view_is_decode(predictor, images):
+    """Without flips (and for an export written before "test_flips" existed) decode_views
+    of the one view is decode; a wrong number of views is refused."""
+    decoder = _decoder()
+    model = predictor.model
+    params = decode_params(predictor.cfg, model)
+    run = _raw_numpy(model)
+    image = images[2]
+    threshold = _threshold_in_a_gap(model, image)
+    batch, size = decoder.prepare(image, params)
+    logits, offsets = run(batch)
+    single = decoder.decode(logits[0], offsets[0], size, dict(params, score_thresh=threshold))
+    for one_view in ({**params, "test_flips": []},
+                     {k: v for k, v in params.items() if k != "test_flips"}):
+        got = decoder.decode_views([(logits[0], offsets[0])], size,
+                                   dict(one_view, score_thresh=threshold))
+        for a, b in zip(got, single):
+            np.testing.assert_array_equal(a, b)
+    fused = _decode_views(decoder, run, image, dict(params, score_thresh=threshold))
+    assert len(fused[0]) != len(single[0]) or not np.allclose(fused[1], single[1])
+    with pytest.raises(ValueError, match="expected the outputs of 2 views"):
+        decoder.decode_views([(logits[0], offsets[0])], size, params)
+
+
 def test_numpy_decoding_votes_as_the_model_does(predictor, images):
     decoder = _decoder()
     model = predictor.model
-    saved = model.vote_radius  # the config's: the module's other tests share the predictor
+    # The config's: the module's other tests share the predictor. One view here.
+    saved = model.vote_radius, model.test_flips
     try:
         model.vote_radius = 2.0 * model.stride
+        model.test_flips = ()
         params = decode_params(predictor.cfg, model)
         assert params["vote_radius"] == 2.0 * model.stride
         raw = P2PNetRaw(model).eval()
@@ -113,7 +160,7 @@ def test_numpy_decoding_votes_as_the_model_does(predictor, images):
             decoder.decode(logits[0], offsets[0], size, dict(old, score_thresh=threshold))[0],
             unvoted[0])
     finally:
-        model.vote_radius = saved
+        model.vote_radius, model.test_flips = saved
 
 
 def test_torchscript_and_onnx_match_the_eager_model(predictor, images, tmp_path):
@@ -134,11 +181,12 @@ def test_torchscript_and_onnx_match_the_eager_model(predictor, images, tmp_path)
         np.save(tmp_path / f"image{k}.npy", image)
     # TorchScript, in this process.
     traced = torch.jit.load(str(out / "p2pnet.ts"))
-    for image, threshold, (points, scores, classes) in zip(images, thresholds, expected):
-        batch, size = decoder.prepare(image, params)
+
+    def run_traced(batch):
         with torch.no_grad():
-            logits, offsets = (t.numpy() for t in traced(torch.from_numpy(batch)))
-        got = decoder.decode(logits[0], offsets[0], size, dict(params, score_thresh=threshold))
+            return tuple(t.numpy() for t in traced(torch.from_numpy(batch)))
+    for image, threshold, (points, scores, classes) in zip(images, thresholds, expected):
+        got = _decode_views(decoder, run_traced, image, dict(params, score_thresh=threshold))
         assert len(got[0]) == len(points)
         np.testing.assert_allclose(got[0], points, atol=1e-3)
         np.testing.assert_allclose(got[1], scores, atol=1e-4)
@@ -154,10 +202,11 @@ params = json.load(open({str(out / "p2pnet.json")!r}))
 session = ort.InferenceSession({str(out / "p2pnet.onnx")!r}, providers=["CPUExecutionProvider"])
 for k, threshold in enumerate({thresholds!r}):
     image = np.load({str(tmp_path)!r} + f"/image{{k}}.npy")
-    batch, size = p2p_decode.prepare(image, params)
-    logits, offsets = session.run(None, {{"image": batch}})
-    points, scores, classes = p2p_decode.decode(logits[0], offsets[0], size,
-                                                dict(params, score_thresh=threshold))
+    views = p2p_decode.prepare_views(image, params)
+    outputs = [session.run(None, {{"image": batch}}) for batch, _ in views]
+    points, scores, classes = p2p_decode.decode_views(
+        [(logits[0], offsets[0]) for logits, offsets in outputs], views[0][1],
+        dict(params, score_thresh=threshold))
     np.savez({str(tmp_path)!r} + f"/onnx{{k}}.npz", points=points, scores=scores, classes=classes)
 assert "torch" not in sys.modules and "detectron2" not in sys.modules
 print("ok")
