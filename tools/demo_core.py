@@ -82,7 +82,7 @@ def write_image(rgb, path):
 
 
 # ---------------------------------------------------------------------------- prediction
-# (cpr_d2.engine.predictor.PointPredictor: one pass, or tiles for large images)
+# (cpr_d2.engine.predictor.PointPredictor: the whole image, or tiles for large images)
 
 def _tiling_note(name, height, width, max_size):
     count = len(tile_grid(height, width, max_size))

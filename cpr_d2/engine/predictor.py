@@ -8,7 +8,7 @@ idiom for point models.
     cfg.merge_from_file("configs/forest/p2p_R18_s8.yaml")
     cfg.MODEL.WEIGHTS = "output/forest/p2p_R18_s8/model_final.pth"
     predictor = PointPredictor(cfg)
-    inst = predictor(image_bgr)                  # one pass: pred_points, scores, pred_classes
+    inst = predictor(image_bgr)                  # the whole image: pred_points, scores, pred_classes
     inst = predictor.predict_large(orthomosaic)  # any size: overlapping tiles
 
 Points are in the pixels of the image passed in. Large images are cut into tiles

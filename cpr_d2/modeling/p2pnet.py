@@ -350,17 +350,6 @@ class P2PNet(nn.Module):
             return logits.sigmoid()
         return logits.softmax(dim=-1)[..., :-1]
 
-    def _dense_outputs(self, logits, pred_points, anchors, image_sizes):
-        """Per image of the batch: (scores (A, num_classes), points (A, 2), (height, width))
-        of the A anchors inside the image, points in the pixels of the network's input."""
-        scores_all = self._scores(logits)
-        out = []
-        for b, (height, width) in enumerate(image_sizes):
-            # Anchors in the batch padding belong to no image.
-            inside = (anchors[:, 0] < width) & (anchors[:, 1] < height)
-            out.append((scores_all[b][inside], pred_points[b][inside], (height, width)))
-        return out
-
     @torch.no_grad()
     def _flip_fused(self, batched_inputs):
         """Inference on each input and on its MODEL.P2PNET.TEST_FLIPS, every view's kept
@@ -392,10 +381,13 @@ class P2PNet(nn.Module):
         """The kept points, scores and classes (the class docstring) of the network's
         outputs for one view of each input: score threshold, top-k, NMS and vote, the
         points taken to the original image's pixels."""
-        dense = self._dense_outputs(logits, pred_points, anchors, image_sizes)
+        scores_all = self._scores(logits)
         results = []
-        for inp, (scores, points, (height, width)) in zip(batched_inputs, dense):
-            scores = scores.reshape(-1)
+        for b, (inp, (height, width)) in enumerate(zip(batched_inputs, image_sizes)):
+            # Anchors in the batch padding belong to no image.
+            inside = (anchors[:, 0] < width) & (anchors[:, 1] < height)
+            scores = scores_all[b][inside].reshape(-1)
+            points = pred_points[b][inside]
             keep = (scores > self.score_thresh).nonzero().squeeze(1)
             scores = scores[keep]
             if len(scores) > self.topk_candidates:
