@@ -33,7 +33,7 @@ output/pipeline/<train dataset>[_quick]_seeds.
 
 Any registered point dataset works (--train-dataset / --test-dataset: COCO, DOTA,
 SeaPerson builtins, or a json registered by --point-json NAME JSON IMAGE_ROOT).
-Defaults take about 30-40 minutes on a 2-core CPU (docs/pipeline.md, "Time"); --quick
+Defaults take about 25-30 minutes on a 2-core CPU (docs/pipeline.md, "Time"); --quick
 (fewer iterations, same stages) under 5 and marks its table as a smoke run; --device cuda --iter-scale 4
 scales up for a GPU.
 """
