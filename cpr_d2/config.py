@@ -285,9 +285,10 @@ def _add_p2pnet_inference_keys(cfg):
     cfg.MODEL.P2PNET.NMS_THRESH = 0.01
     cfg.MODEL.P2PNET.DETECTIONS_PER_IMAGE = 100
     cfg.MODEL.P2PNET.VOTE_RADIUS = 0.0
-    # Test-time flips: the dense scores and points of the image and of each flip listed
-    # (out of "horizontal", "vertical", "both"), mapped back and averaged per anchor
-    # before the score threshold and NMS; [] predicts the image as it is.
+    # Test-time flips: the image and each flip listed (out of "horizontal", "vertical",
+    # "both") predicted with the NMS and vote above, each view's points mapped back, and
+    # the views fused (fuse_views: a point scores the mean over the views of their best
+    # score near it, 0 for a view without one); [] predicts the image as it is.
     cfg.MODEL.P2PNET.TEST_FLIPS = []
 
 

@@ -167,8 +167,7 @@ def prepare_views(image, params):
     """[(batch, (height, width))] of prepare for the image and for each of its flips in
     params["test_flips"], in that order (one entry without flips)."""
     image = np.asarray(image)
-    return [prepare(np.ascontiguousarray(np.flip(image, _FLIP_AXES[flip])) if flip != "none"
-                    else image, params) for flip in _flips(params)]
+    return [prepare(np.flip(image, _FLIP_AXES[flip]), params) for flip in _flips(params)]
 
 
 def fuse_views(points, scores, classes, views, num_views, box_size, iou_threshold,
