@@ -15,7 +15,10 @@ MODEL.P2PNET.COUNT_CALIBRATION "train") is then applied to the test images. Rule
 - top1 / top5 / q90: scores divided by the image's top score, the mean of its five
   top scores, or its 90th percentile (a threshold relative to the image's confidence);
 - soft: the count is the sum of the image's scores times the factor that makes the
-  training images' total right (no threshold).
+  training images' total right (no threshold);
+- soft+area: the count is ``scale * (sum of the scores) + per_pixel * (image area)``,
+  rounded, the two fitted by least squares on the training images (fit_soft_count:
+  MODEL.P2PNET.COUNT_RULE "soft", the forest config's since 2026-12-07).
 
 The test images never reach any choice. The script prints, per run and rule, the test
 MAE and the mean signed error (negative: too few) in objects per image, then the mean
@@ -43,10 +46,13 @@ RULES = {"abs": lambda s: s, "top1": _relative(k=1), "top5": _relative(k=5),
          "q90": _relative(quantile=0.9)}
 
 
-def rule_errors(train_scores, train_counts, test_scores, test_counts):
+def rule_errors(train_scores, train_counts, test_scores, test_counts, train_areas=None,
+                test_areas=None):
     """{rule: (mae, mean signed error)} on the test images, each rule's threshold (or the
-    soft count's factor) chosen on the training images only."""
-    from cpr_d2.engine.count_calibration import choose_count_threshold
+    soft count's factor) chosen on the training images only; "soft+area" too when both
+    sets' image areas (pixels) are given."""
+    from cpr_d2.engine.count_calibration import choose_count_threshold, fit_soft_count
+    from cpr_d2.modeling.postprocess import soft_count
 
     test_counts = np.asarray(test_counts, dtype=np.float64)
     out = {}
@@ -57,6 +63,12 @@ def rule_errors(train_scores, train_counts, test_scores, test_counts):
     factor = float(np.sum(train_counts)) / max(sum(float(s.sum()) for s in train_scores), 1e-12)
     n = np.array([factor * s.sum() for s in test_scores])
     out["soft"] = (float(np.abs(n - test_counts).mean()), float((n - test_counts).mean()))
+    if train_areas is not None and test_areas is not None:
+        fit = fit_soft_count([s.sum() for s in train_scores], train_areas, train_counts)
+        n = (np.zeros(len(test_counts)) if fit is None else
+             soft_count([s.sum() for s in test_scores], test_areas, fit[:2]).astype(np.float64))
+        out["soft+area"] = (float(np.abs(n - test_counts).mean()),
+                            float((n - test_counts).mean()))
     return out
 
 
@@ -79,7 +91,8 @@ def load_run(run):
 
 
 def predict_scores(cfg, model, dataset):
-    """(scores per image, annotated count per image) over `dataset`, in its order."""
+    """(scores per image, annotated count per image, area per image in pixels) over
+    `dataset`, in its order."""
     import torch
     from detectron2.data import DatasetCatalog, build_detection_test_loader
 
@@ -88,12 +101,15 @@ def predict_scores(cfg, model, dataset):
     dicts = DatasetCatalog.get(dataset)
     loader = build_detection_test_loader(dicts, mapper=PointDatasetMapper(cfg, is_train=False),
                                          num_workers=0)
-    scores = []
+    scores, areas = [], []
     model.eval()
     with torch.no_grad():
         for inputs in loader:
-            scores += [out["instances"].scores.double().cpu().numpy() for out in model(inputs)]
-    return scores, [count_objects(d.get("annotations")) for d in dicts]
+            for out in model(inputs):
+                scores.append(out["instances"].scores.double().cpu().numpy())
+                height, width = out["instances"].image_size
+                areas.append(float(height) * float(width))
+    return scores, [count_objects(d.get("annotations")) for d in dicts], areas
 
 
 def main(argv=None):
@@ -104,7 +120,7 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", help="P2PNet run directories")
     args = parser.parse_args(argv)
 
-    names = list(RULES) + ["soft"]
+    names = list(RULES) + ["soft", "soft+area"]
     table, counts = [], None
     print("| run | " + " | ".join(names) + " |")
     print("| --- | " + " | ".join("---:" for _ in names) + " |")
@@ -113,7 +129,7 @@ def main(argv=None):
         train = predict_scores(cfg, model, args.train)
         test = predict_scores(cfg, model, args.test)
         counts = (np.mean(train[1]), np.mean(test[1]))
-        errors = rule_errors(*train, *test)
+        errors = rule_errors(train[0], train[1], test[0], test[1], train[2], test[2])
         table.append([errors[n][0] for n in names])
         print(f"| {run} | " + " | ".join(f"{errors[n][0]:.1f} ({errors[n][1]:+.1f})"
                                           for n in names) + " |")

@@ -21,6 +21,11 @@ flip config), s its move from the coarse point. Per moved object it computes:
   report's); trust = the mean rank of support and away (the report's);
 * view disagreement: -|s0 - sh| / |s|, the written model's two views (s0, sh);
 * score, num_kept, size, move: what the row holds;
+* improvement over o: |o| - |s - o|, how much nearer the written point lies to the
+  other model's point than the coarse point does (that point taken for the truth);
+* move / neighbour distance: |s| over the distance from the coarse point to the
+  nearest other coarse point on its image (0 without one), the move on the
+  objects' own scale;
 * with --second-seed (the fold models of another seed, same folds): support from both
   models that saw the image, and from all three other models;
 
@@ -35,6 +40,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy.spatial import cKDTree
 from scipy.stats import rankdata
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +84,21 @@ def views(crossfit_dir, dataset):
     return out
 
 
+def _neighbour_distances(obj):
+    """{annotation id: distance from its coarse point to the nearest other coarse point
+    on its image (inf without one)}."""
+    by_image = {}
+    for i, o in obj.items():
+        by_image.setdefault(o["image_id"], []).append(i)
+    out = {}
+    for ids in by_image.values():
+        points = np.array([obj[i]["coarse_point"] for i in ids]).reshape(-1, 2)
+        dist = (cKDTree(points).query(points, k=2)[0][:, 1] if len(ids) > 1
+                else np.full(1, np.inf))
+        out.update(zip(ids, dist))
+    return out
+
+
 def signals(rows_a, rows_b, anns, folds):
     """(names -> (M,) arrays of the moved objects, (M,) made worse, (M,) made better)."""
     ids = sorted(i for i in rows_a[(0, 2)] if i in anns and true_box(anns[i]) is not None)
@@ -96,6 +117,7 @@ def signals(rows_a, rows_b, anns, folds):
             o["b_in"] = np.asarray(rows_b[(1 - k, 2)][i]["point"], float) - coarse
         obj[i] = o
     nearest = _neighbour_directions(obj, {})
+    spacing = _neighbour_distances(obj)
     moved = [i for i in ids if np.linalg.norm(obj[i]["s"]) > 0]
     out = {}
     for i in moved:
@@ -107,7 +129,9 @@ def signals(rows_a, rows_b, anns, folds):
                   "away": 0.0 if d is None else -float(s @ d) / length,
                   "view disagreement": -float(np.linalg.norm(o["s0"] - o["sh"])) / length,
                   "score": o["score"], "num_kept": o["num_kept"], "size": o["size"],
-                  "move": length}
+                  "move": length,
+                  "improvement over o": float(np.linalg.norm(o["o"]) - np.linalg.norm(s - o["o"])),
+                  "move / neighbour distance": length / spacing[i]}
         if rows_b is not None:
             values["support, both that saw it"] = np.mean([o["o"], o["b_in"]], axis=0) @ s / length
             values["support, all three others"] = (

@@ -302,6 +302,11 @@ def _add_p2pnet_count_keys(cfg):
     # evaluator, the demo and every later user of model_final.pth count with it.
     cfg.MODEL.P2PNET.COUNT_CALIBRATION = ""
     cfg.MODEL.P2PNET.COUNT_HOLDOUT = 0.2
+    # How an image is counted: "threshold", the points scoring above the threshold;
+    # "soft", round(scale * the sum of the kept points' scores + per_pixel * the image's
+    # area), the two coefficients fitted by least squares on the same calibration images
+    # (needs COUNT_CALIBRATION). The threshold still decides which points are drawn.
+    cfg.MODEL.P2PNET.COUNT_RULE = "threshold"
 
 
 def get_cpr_d2_cfg():

@@ -43,7 +43,7 @@ def _checkpoint_state(path):
                      "'model' entry, as tools/train_net.py writes)")
 
 
-OPTIONAL_WEIGHTS = ("count_threshold",)
+OPTIONAL_WEIGHTS = ("count_threshold", "count_soft")
 
 
 def load_inference_weights(model, path, arch=None):

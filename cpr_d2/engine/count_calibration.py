@@ -15,6 +15,15 @@ mean absolute error). MODEL.P2PNET.COUNT_CALIBRATION says which images:
 The threshold is stored in the model (the `count_threshold` buffer, so it travels
 in model_final.pth) and the point-AP evaluator counts with it. The test set never
 reaches the choice.
+
+MODEL.P2PNET.COUNT_RULE "soft" counts without a threshold: an image's count is
+``scale * S + per_pixel * A`` (rounded, at least 0), S the sum of the scores of its
+kept points and A its area in pixels, with the two coefficients fitted by least
+squares to the annotated counts of the same calibration images (:func:`fit_soft_count`).
+S follows the trees that score under any threshold; the area term removes the score
+mass that background spreads over every image, in proportion to its size, so the rule
+holds for images (and tiles) of any size. The coefficients travel in the
+`count_soft` buffer; the threshold is still chosen (it decides which points are drawn).
 """
 import hashlib
 import logging
@@ -26,14 +35,16 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from cpr_d2.data.mapper import count_objects
+from cpr_d2.modeling.postprocess import soft_count
 
-__all__ = ["COUNT_CALIBRATIONS", "CountCalibrationHook", "calibrate_count_threshold",
-           "calibration_split", "check_count_calibration", "choose_count_threshold",
-           "held_out_files"]
+__all__ = ["COUNT_CALIBRATIONS", "COUNT_RULES", "CountCalibrationHook",
+           "calibrate_count_threshold", "calibration_split", "check_count_calibration",
+           "choose_count_threshold", "fit_soft_count", "held_out_files", "soft_count"]
 
 logger = logging.getLogger(__name__)
 
 COUNT_CALIBRATIONS = ("", "train", "holdout")
+COUNT_RULES = ("threshold", "soft")
 
 
 def check_count_calibration(cfg):
@@ -42,6 +53,12 @@ def check_count_calibration(cfg):
     if calibration not in COUNT_CALIBRATIONS:
         raise ValueError(f"MODEL.P2PNET.COUNT_CALIBRATION must be one of "
                          f"{COUNT_CALIBRATIONS}, got {calibration!r}")
+    rule = cfg.MODEL.P2PNET.get("COUNT_RULE", "threshold")
+    if rule not in COUNT_RULES:
+        raise ValueError(f"MODEL.P2PNET.COUNT_RULE must be one of {COUNT_RULES}, got {rule!r}")
+    if rule == "soft" and not calibration:
+        raise ValueError("MODEL.P2PNET.COUNT_RULE 'soft' fits its coefficients on training "
+                         "images: set MODEL.P2PNET.COUNT_CALIBRATION to 'train' or 'holdout'")
     share = cfg.MODEL.P2PNET.COUNT_HOLDOUT
     if calibration == "holdout" and not 0 < share < 1:
         raise ValueError(f"MODEL.P2PNET.COUNT_HOLDOUT must lie strictly between 0 and 1 (the "
@@ -104,11 +121,34 @@ def choose_count_threshold(scores_per_image, counts):
     return float(candidates[best]), float(mae[best])
 
 
+def fit_soft_count(score_sums, areas, counts):
+    """(scale, per_pixel, mae): the least-squares fit of ``counts ~ scale * score_sums +
+    per_pixel * areas`` over images (no intercept), and the mean absolute error of the
+    rounded counts it gives (soft_count) on the same images. None when it cannot count:
+    fewer than 2 images, or a fit in which more score means fewer objects (scale <= 0)."""
+    sums, areas, counts = (np.asarray(v, dtype=np.float64).reshape(-1)
+                           for v in (score_sums, areas, counts))
+    if not len(sums) == len(areas) == len(counts):
+        raise ValueError(f"fit_soft_count: {len(sums)} score sums, {len(areas)} areas and "
+                         f"{len(counts)} counts")
+    if len(counts) < 2:
+        return None
+    design = np.stack([sums, areas], axis=1)
+    (scale, per_pixel), *_ = np.linalg.lstsq(design, counts, rcond=None)
+    if not scale > 0:
+        return None
+    predicted = soft_count(sums, areas, (scale, per_pixel))
+    return float(scale), float(per_pixel), float(np.abs(predicted - counts).mean())
+
+
 @torch.no_grad()
 def calibrate_count_threshold(model, data_loader, dataset_dicts):
     """Predict every image of `data_loader` (a test loader over `dataset_dicts`, sharded
     over the processes), choose the threshold (choose_count_threshold) on all of them,
-    store it in model.count_threshold, and return (threshold, mae, number of images)."""
+    store it in model.count_threshold, and return (threshold, mae, number of images).
+    A model whose `count_rule` is "soft" also gets the soft count's coefficients
+    (fit_soft_count) in its `count_soft` buffer ((-1, 0), none, when they cannot be
+    fitted)."""
     counts = {d["image_id"]: count_objects(d.get("annotations")) for d in dataset_dicts}
     was_training = model.training
     model.eval()
@@ -116,16 +156,24 @@ def calibrate_count_threshold(model, data_loader, dataset_dicts):
     try:
         for inputs in data_loader:
             for inp, out in zip(inputs, model(inputs)):
-                mine.append((inp["image_id"], out["instances"].scores.cpu().numpy()))
+                inst = out["instances"]
+                height, width = inst.image_size
+                mine.append((inp["image_id"], (inst.scores.cpu().numpy(),
+                                               float(height) * float(width))))
     finally:
         model.train(was_training)
     gathered = {}
     for part in comm.all_gather(mine):
         gathered.update(dict(part))
     ids = [i for i in counts if i in gathered]
-    threshold, mae = choose_count_threshold([gathered[i] for i in ids], [counts[i] for i in ids])
+    threshold, mae = choose_count_threshold([gathered[i][0] for i in ids],
+                                            [counts[i] for i in ids])
     target = model.module if hasattr(model, "module") else model
     target.count_threshold.fill_(threshold)
+    if getattr(target, "count_rule", "threshold") == "soft":
+        fit = fit_soft_count([float(gathered[i][0].sum()) for i in ids],
+                             [gathered[i][1] for i in ids], [counts[i] for i in ids])
+        target.count_soft.copy_(torch.tensor(fit[:2] if fit else (-1.0, 0.0)))
     return threshold, mae, len(ids)
 
 
@@ -154,4 +202,14 @@ class CountCalibrationHook(HookBase):
         logger.info(f"Counting threshold chosen on {which} "
                     f"({', '.join(self.dataset_names)}, {n} images): {threshold:.4f} "
                     f"(counting MAE there {mae:.2f})")
+        model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+        if getattr(model, "count_rule", "threshold") == "soft":
+            scale, per_pixel = (float(v) for v in model.count_soft)
+            if scale > 0:
+                logger.info(f"Soft count fitted on the same images: {scale:.3f} x the sum of "
+                            f"the kept scores {per_pixel * 1e6:+.1f} per megapixel")
+            else:
+                logger.warning("MODEL.P2PNET.COUNT_RULE 'soft': no soft count could be fitted "
+                               f"on {n} image(s) (it needs at least 2, on which more score "
+                               "means more objects); the model counts with the threshold")
         trainer.checkpointer.save("model_final")

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from cpr_d2.data.classes import checkpoint_classes, class_count_key
 from cpr_d2.data.mapper import annotations_to_point_instances
 from cpr_d2.modeling.p2pnet import point_nms
+from cpr_d2.modeling.postprocess import soft_count
 
 from .checkpoint import load_inference_weights
 
@@ -153,6 +154,8 @@ class PointPredictor(_Inference):
         input_format: cfg.INPUT.FORMAT, the channel order the images must have.
         count_threshold: the counting threshold the model chose on its training data
             (MODEL.P2PNET.COUNT_CALIBRATION), or None.
+        soft_count: the soft count's (scale, per_pixel), fitted on the training data
+            (MODEL.P2PNET.COUNT_RULE "soft"), or None; :meth:`count` applies it.
     """
 
     arch = "P2PNet"
@@ -164,6 +167,17 @@ class PointPredictor(_Inference):
                              list(range(1, len(self.metadata.thing_classes) + 1)))
         threshold = float(getattr(self.model, "count_threshold", torch.tensor(-1.0)))
         self.count_threshold = threshold if threshold >= 0 else None
+        self.soft_count = self.model.soft_coefficients()
+
+    def count(self, instances):
+        """The soft count of an image's predicted `instances` (those of __call__ or
+        predict_large, whose image_size is the whole image's), or None when the model
+        has no soft count."""
+        if self.soft_count is None:
+            return None
+        height, width = instances.image_size
+        return soft_count(float(instances.scores.sum()), float(height) * float(width),
+                          self.soft_count)
 
     @torch.no_grad()
     def _predict(self, images):

@@ -12,6 +12,7 @@ format, one row per predicted point: ``{"image_id", "category_id", "point": [x, 
 zero-size ``bbox`` is the point again, so that pycocotools' ``COCO.loadRes`` reads the
 file; ``prediction_class_indices`` maps the rows back to the model's class indices.
 """
+import dataclasses
 import itertools
 import logging
 import os
@@ -141,6 +142,19 @@ def gather_per_image(rows: Sequence[dict], distributed: bool):
     return _merge_predictions(per_rank)
 
 
+def soft_counting_errors(result, gts, image_ids, counts):
+    """`result` (a PointAPResult) with its MAE and RMSE taken from the per-image `counts`
+    ({image id: count}; an image without one counts 0) against the non-crowd objects of
+    `gts` (in the order of `image_ids`)."""
+    def objects(g):
+        crowd = np.asarray(g.get("iscrowd", np.zeros(len(g["classes"]))), dtype=bool).reshape(-1)
+        return int(len(crowd) - crowd.sum())
+
+    err = np.array([counts.get(i, 0) - objects(g) for i, g in zip(image_ids, gts)], np.float64)
+    return dataclasses.replace(result, mae=float(np.abs(err).mean()),
+                               rmse=float(np.sqrt((err ** 2).mean())))
+
+
 class PointAPEvaluator(DatasetEvaluator):
     """Point AP (and counting MAE / RMSE) of point predictions on a registered dataset.
 
@@ -188,12 +202,15 @@ class PointAPEvaluator(DatasetEvaluator):
     def reset(self):
         self._predictions = []
         self._model_threshold = None  # a counting threshold the model carries
+        self._soft_counts = {}  # image id -> the model's soft count (COUNT_RULE "soft")
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
             instances = out["instances"]
             if out.get("count_threshold") is not None:
                 self._model_threshold = float(out["count_threshold"])
+            if out.get("count_rule") == "soft":
+                self._soft_counts[inp["image_id"]] = int(out["count"])
             missing = [f for f in _PRED_FIELDS if not instances.has(f)]
             if missing:
                 raise KeyError(
@@ -214,6 +231,7 @@ class PointAPEvaluator(DatasetEvaluator):
 
     def evaluate(self):
         predictions = gather_per_image(self._predictions, self._distributed)
+        soft_counts = self._gathered_soft_counts()
         if predictions is None:  # not the main process
             return {}
         if not predictions:
@@ -244,6 +262,11 @@ class PointAPEvaluator(DatasetEvaluator):
         else:
             source = "TEST.POINT_AP.COUNT_SCORE_THRESH"
         result = evaluate_point_ap(self._gts, dets, len(self._class_names), **kwargs)
+        rule = "threshold"
+        if soft_counts and all(i in soft_counts for i in predictions):
+            result = soft_counting_errors(result, self._gts, self._image_ids, soft_counts)
+            rule = "soft"
+            source = "the model's soft count, fitted on its training images"
         self._log(result, source)
         metrics = OrderedDict(
             (name, value if name in ("MAE", "RMSE") else 100.0 * value)
@@ -258,8 +281,17 @@ class PointAPEvaluator(DatasetEvaluator):
             # NaN (a range without GT) is written as null: strict json.
             record = {k: (v if v == v else None) for k, v in metrics.items()}
             record["count_threshold_source"] = source
+            record["count_rule"] = rule
             write_json_atomic(record, os.path.join(self._output_dir, METRICS_FILE))
         return OrderedDict(point_ap=metrics)
+
+    def _gathered_soft_counts(self):
+        if not self._distributed or comm.get_world_size() == 1:
+            return dict(self._soft_counts)
+        merged = {}
+        for part in comm.gather(self._soft_counts, dst=0):
+            merged.update(part)
+        return merged
 
     def _write_predictions(self, dets):
         category_ids = dataset_classes(self._dataset_name).category_ids
@@ -288,8 +320,9 @@ class PointAPEvaluator(DatasetEvaluator):
         self._logger.info(
             f"Point AP on '{self._dataset_name}' ({result.num_images} images, max_dets "
             f"{result.max_dets}, {conventions}):\n{table}\n"
-            f"Counting: MAE {result.mae:.3f}, RMSE {result.rmse:.3f} "
-            f"(detections with score > {result.count_score_thresh:g}, {threshold_source})"
+            f"Counting: MAE {result.mae:.3f}, RMSE {result.rmse:.3f} " + (
+                f"({threshold_source})" if "soft count" in threshold_source else
+                f"(detections with score > {result.count_score_thresh:g}, {threshold_source})")
         )
         if "all" in result.range_names and len(self._class_names) > 1:
             per_class = result.ap[:, result.range_names.index("all")].mean(axis=0)

@@ -48,19 +48,24 @@ def localizer_rows(metrics_by_name):
         metrics = metrics or {}
         rows.append({"trained on": name, **{k: metrics.get(k) for k in LOCALIZER_METRICS},
                      "count threshold": metrics.get("count_threshold"),
-                     "count threshold source": metrics.get("count_threshold_source")})
+                     "count threshold source": metrics.get("count_threshold_source"),
+                     "count rule": metrics.get("count_rule")})
     return rows
 
 
-def _threshold_cell(value):
-    return "n/a" if value is None else _cell(value)
+def _threshold_cell(value, rule=None):
+    """The counting threshold; with the soft count (the metrics' ``count_rule`` "soft"),
+    which counts without it, marked as such."""
+    cell = "n/a" if value is None else _cell(value)
+    return f"{cell}, soft count" if rule == "soft" else cell
 
 
 def localizer_table(rows):
     """The markdown localizer table of ``localizer_rows``: the metrics and the counting
     threshold ("n/a" when the metrics do not record it)."""
     shown = [{**{k: r.get(k) for k in ("trained on",) + LOCALIZER_METRICS},
-              COUNT_THRESHOLD_COLUMN: _threshold_cell(r.get("count threshold"))} for r in rows]
+              COUNT_THRESHOLD_COLUMN: _threshold_cell(r.get("count threshold"),
+                                                      r.get("count rule"))} for r in rows]
     return markdown_table(shown)
 
 
@@ -140,7 +145,8 @@ def seeds_localizer_rows(metrics_by_seed):
             metrics = metrics_by_seed[seed].get(name) or {}
             per_seed[seed] = {k: metrics.get(k) for k in LOCALIZER_METRICS}
             rows.append({"trained on": name, "seed": seed, **per_seed[seed],
-                         COUNT_THRESHOLD_COLUMN: _threshold_cell(metrics.get("count_threshold"))})
+                         COUNT_THRESHOLD_COLUMN: _threshold_cell(metrics.get("count_threshold"),
+                                                                 metrics.get("count_rule"))})
         summary[name] = summarize_seeds(per_seed)
         rows.append({"trained on": name, "seed": "mean ± std",
                      **{k: _mean_std_cell(summary[name][k]) for k in LOCALIZER_METRICS},

@@ -73,6 +73,8 @@ def decode_params(cfg, model, classes=None):
         "vote_radius": float(model.vote_radius),
         "test_flips": list(model.test_flips),
         "count_threshold": threshold if threshold >= 0 else None,
+        "count_soft": (list(model.soft_coefficients())
+                       if model.soft_coefficients() is not None else None),
         "classes": [{"index": k, "id": int(i), "name": n}
                     for k, (n, i) in enumerate(zip(names, ids))],
     }

@@ -23,6 +23,11 @@ MODEL.P2PNET.TEST_FLIPS) runs once per view and fuses the views::
 
 (with no flips, ``decode_views`` of the one view equals ``decode``).
 
+A model that counts with the soft count (MODEL.P2PNET.COUNT_RULE "soft") has its two
+coefficients in ``params["count_soft"]``; ``count(scores, image.shape[:2], params)``
+gives the image's count as the model does (None without them: count the scores above
+``params["count_threshold"]``).
+
 ``points`` (N, 2) are x, y in the image's pixels, ``scores`` (N,) and ``classes``
 (N,) the model's class indices (``params["classes"]`` has their names and dataset
 ids), by decreasing score. The network takes a float32 (1, 3, H, W) image whose
@@ -33,8 +38,8 @@ feature map (A anchor points per cell, L logits per anchor).
 """
 import numpy as np
 
-__all__ = ["anchor_points", "decode", "decode_views", "fuse_views", "nms", "prepare",
-           "prepare_views", "vote"]
+__all__ = ["anchor_points", "count", "decode", "decode_views", "fuse_views", "nms",
+           "prepare", "prepare_views", "vote"]
 
 # Axes of an H x W x 3 image that each flip reverses (cpr_d2.modeling.postprocess.FLIPS).
 _FLIP_AXES = {"none": (), "horizontal": (1,), "vertical": (0,), "both": (0, 1)}
@@ -219,3 +224,16 @@ def decode_views(outputs, size, params, out_size=None):
     points, scores, classes, views = (np.concatenate(x) for x in zip(*parts))
     return fuse_views(points, scores, classes, views, len(flips), params["nms_box_size"],
                       params["nms_thresh"], int(params["detections_per_image"]))
+
+
+def count(scores, size, params):
+    """The soft count of an image from its decoded `scores` and its (height, width):
+    round(scale * sum(scores) + per_pixel * height * width), at least 0, as the model
+    counts (cpr_d2.modeling.postprocess.soft_count); None when the model has no soft
+    count (params["count_soft"] missing or null)."""
+    coefficients = params.get("count_soft")
+    if not coefficients:
+        return None
+    scale, per_pixel = coefficients
+    value = scale * float(np.sum(scores, dtype=np.float64)) + per_pixel * float(size[0]) * float(size[1])
+    return int(max(0.0, np.round(value)))

@@ -28,7 +28,7 @@ from cpr_d2.data.classes import require_num_classes
 from .backbone import normalized_images, single_level_feature_name
 from .p2p_matcher import PointMatcher
 from .postprocess import (check_flips, flip_points, flipped_image_input, original_size_and_scale,
-                          rescale_points)
+                          rescale_points, soft_count)
 
 __all__ = ["P2PHead", "P2PNet", "anchor_points", "fuse_views", "point_nms", "point_vote",
            "nms_and_vote"]
@@ -178,8 +178,8 @@ class P2PNet(nn.Module):
                  background_weight=0.5, class_weight=1.0, point_loss="smooth_l1",
                  smooth_l1_beta=1.0 / 9, point_weight=0.5, matcher, score_thresh=0.05,
                  topk_candidates=1000, nms_box_size=32.0, nms_thresh=0.01,
-                 detections_per_image=100, vote_radius=0.0, test_flips=(), pixel_mean,
-                 pixel_std):
+                 detections_per_image=100, vote_radius=0.0, test_flips=(),
+                 count_rule="threshold", pixel_mean, pixel_std):
         super().__init__()
         if class_loss not in CLASS_LOSSES:
             raise ValueError(f"MODEL.P2PNET.CLASS_LOSS must be one of {CLASS_LOSSES}, got "
@@ -216,6 +216,14 @@ class P2PNet(nn.Module):
         # The counting threshold chosen on the training images (cpr_d2.engine.
         # count_calibration); negative = none, count with TEST.POINT_AP.COUNT_SCORE_THRESH.
         self.register_buffer("count_threshold", torch.tensor(-1.0))
+        # MODEL.P2PNET.COUNT_RULE "soft": count = round(scale * sum of the kept scores +
+        # per_pixel * image area), (scale, per_pixel) fitted with the threshold; a scale
+        # <= 0 = none (the fit never gives one).
+        if count_rule not in ("threshold", "soft"):
+            raise ValueError(f"MODEL.P2PNET.COUNT_RULE must be 'threshold' or 'soft', got "
+                             f"{count_rule!r}")
+        self.count_rule = count_rule
+        self.register_buffer("count_soft", torch.tensor([-1.0, 0.0]))
 
     @classmethod
     def from_config(cls, cfg):
@@ -253,6 +261,7 @@ class P2PNet(nn.Module):
             "detections_per_image": c.DETECTIONS_PER_IMAGE,
             "vote_radius": c.VOTE_RADIUS,
             "test_flips": c.TEST_FLIPS,
+            "count_rule": c.COUNT_RULE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
@@ -407,11 +416,27 @@ class P2PNet(nn.Module):
             results.append(self._result(inst))
         return results
 
+    def soft_coefficients(self):
+        """(scale, per_pixel) of the soft count when COUNT_RULE is "soft" and they were
+        fitted, else None."""
+        scale, per_pixel = (float(v) for v in self.count_soft)
+        if self.count_rule != "soft" or not scale > 0:
+            return None
+        return scale, per_pixel
+
     def _result(self, inst):
-        """{"instances": inst}, with the count above the calibrated threshold if any."""
+        """{"instances": inst}, with the count if the model was calibrated: the points
+        above the calibrated threshold, or the soft count (with "count_rule" "soft")."""
         result = {"instances": inst}
         threshold = float(self.count_threshold)
         if threshold >= 0:
             result["count_threshold"] = threshold
             result["count"] = int((inst.scores > threshold).sum())
+            result["count_rule"] = "threshold"
+        soft = self.soft_coefficients()
+        if soft is not None:
+            height, width = inst.image_size
+            result["count"] = soft_count(float(inst.scores.sum()), float(height) * float(width),
+                                         soft)
+            result["count_rule"] = "soft"
         return result

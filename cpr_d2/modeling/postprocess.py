@@ -8,10 +8,14 @@ original / input, x by width and y by height.
 Flipped views (CPRNet's MODEL.CPR.REFINE_FLIPS, P2PNet's MODEL.P2PNET.TEST_FLIPS): a
 flip maps x to width - x (y to height - y) in the input's pixels and in the original
 image's alike, so a view's points are mapped back before or after the rescaling.
+
+The soft count (P2PNet's MODEL.P2PNET.COUNT_RULE "soft") turns an image's kept scores and
+its area into a count (cpr_d2/engine/count_calibration.py fits its coefficients).
 """
+import numpy as np
 
 __all__ = ["FLIPS", "check_flips", "flip_points", "flipped_image_input",
-           "original_size_and_scale", "rescale_points"]
+           "original_size_and_scale", "rescale_points", "soft_count"]
 
 FLIPS = ("horizontal", "vertical", "both")
 _FLIP_DIMS = {"horizontal": [-1], "vertical": [-2], "both": [-2, -1]}
@@ -74,3 +78,13 @@ def rescale_points(points, scale, clip_size=None):
         points[..., 0].clamp_(0, clip_size[1])
         points[..., 1].clamp_(0, clip_size[0])
     return points
+
+
+def soft_count(score_sums, areas, coefficients):
+    """The soft count (rounded, at least 0) of images with these sums of kept scores and
+    areas (pixels), for coefficients (scale, per_pixel) from fit_soft_count; an array
+    like the inputs (a Python int for scalars)."""
+    scale, per_pixel = coefficients
+    value = np.maximum(0, np.round(scale * np.asarray(score_sums, dtype=np.float64)
+                                   + per_pixel * np.asarray(areas, dtype=np.float64)))
+    return int(value) if value.ndim == 0 else value.astype(np.int64)

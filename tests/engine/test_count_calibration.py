@@ -7,8 +7,9 @@ from detectron2.data import DatasetCatalog
 from detectron2.structures import Instances
 
 from cpr_d2.engine.count_calibration import (CountCalibrationHook, calibrate_count_threshold,
-                                             calibration_split, held_out_files,
-                                             choose_count_threshold)
+                                             calibration_split, check_count_calibration,
+                                             choose_count_threshold, fit_soft_count,
+                                             held_out_files)
 from tests.tool_loader import load_benchmark
 
 
@@ -48,28 +49,33 @@ def test_choose_checks_its_inputs():
 
 
 class _ScoreModel(torch.nn.Module):
-    """Returns fixed scores per image id, like P2PNet's inference."""
+    """Returns fixed scores per image id, like P2PNet's inference; `sizes` gives an
+    image's (height, width) (default 8 x 8)."""
 
-    def __init__(self, scores):
+    def __init__(self, scores, count_rule="threshold", sizes=None):
         super().__init__()
         self.scores = scores
+        self.count_rule = count_rule
+        self.sizes = sizes or {}
         self.register_buffer("count_threshold", torch.tensor(-1.0))
+        self.register_buffer("count_soft", torch.tensor([-1.0, 0.0]))
 
     def forward(self, inputs):
         out = []
         for inp in inputs:
-            inst = Instances((8, 8))
+            inst = Instances(self.sizes.get(inp["image_id"], (8, 8)))
             inst.scores = torch.tensor(self.scores[inp["image_id"]])
             out.append({"instances": inst})
         return out
 
 
-def _calibration_cfg(calibration, holdout=0.2, train=("calib_train",)):
+def _calibration_cfg(calibration, holdout=0.2, train=("calib_train",), rule="threshold"):
     from detectron2.config import CfgNode
 
     return CfgNode({"DATASETS": CfgNode({"TRAIN": train, "TEST": ("calib_test",)}),
                     "MODEL": CfgNode({"P2PNET": CfgNode({"COUNT_CALIBRATION": calibration,
-                                                         "COUNT_HOLDOUT": holdout})})})
+                                                         "COUNT_HOLDOUT": holdout,
+                                                         "COUNT_RULE": rule})})})
 
 
 class _FakeTrainer:
@@ -174,6 +180,63 @@ def test_calibrate_restores_training_mode():
     assert model.training and n == 1 and mae == 0 and t < 0.5
 
 
+def test_the_soft_count_fit_recovers_known_coefficients():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 60, size=20).astype(float)
+    areas = rng.uniform(1e4, 4e5, size=20)
+    scale, per_pixel = 1.7, -1.1e-4  # background mass: 1 / 1.7 * 1.1e-4 score per pixel
+    sums = (counts - per_pixel * areas) / scale
+    fit = fit_soft_count(sums, areas, counts)
+    assert fit[0] == pytest.approx(scale, rel=1e-9) and fit[1] == pytest.approx(per_pixel, rel=1e-9)
+    assert fit[2] == 0
+    # Noisy counts: the fit is the least-squares one (residuals orthogonal to both columns).
+    noisy = counts + rng.normal(0, 2, size=20)
+    a, c, mae = fit_soft_count(sums, areas, noisy)
+    residual = noisy - (a * sums + c * areas)
+    assert abs(residual @ sums) < 1e-6 * np.abs(noisy @ sums)
+    assert abs(residual @ areas) < 1e-6 * np.abs(noisy @ areas) and mae > 0
+    # It cannot count from one image, or when more score means fewer objects.
+    assert fit_soft_count([3.0], [100.0], [2]) is None
+    assert fit_soft_count([1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [3, 2, 1]) is None
+    with pytest.raises(ValueError, match="score sums"):
+        fit_soft_count([1.0, 2.0], [1.0], [1, 2])
+
+
+def test_the_soft_hook_fits_on_the_training_images_only():
+    # Image k holds k objects and k scores of 0.5 plus background mass 0.01 per pixel.
+    train = [{"image_id": k, "file_name": f"tile_{k}.png", "annotations": [{}] * k}
+             for k in range(1, 7)]
+    sizes = {k: (10 * (3 * k % 7 + 1), 20) for k in range(1, 7)}  # not in step with k
+    scores = {k: [0.5] * k + [0.01 * sizes[k][0] * sizes[k][1]] for k in range(1, 7)}
+    DatasetCatalog.register("calib_train", lambda: train)
+    DatasetCatalog.register("calib_test", lambda: pytest.fail("the test set was read"))
+    try:
+        model = _ScoreModel(scores, count_rule="soft", sizes=sizes)
+        saved = []
+        hook = CountCalibrationHook(_calibration_cfg("train", rule="soft"), _loader([]))
+        hook.trainer = _FakeTrainer(model, saved)
+        hook.after_train()
+        # count = 2 x sum - 0.02 per pixel, exactly.
+        assert model.count_soft.tolist() == pytest.approx([2.0, -0.02])
+        assert float(model.count_threshold) >= 0 and saved == ["model_final"]
+        # A threshold-rule model gets no soft count.
+        plain = _ScoreModel(scores, sizes=sizes)
+        hook.trainer = _FakeTrainer(plain, saved)
+        hook.after_train()
+        assert plain.count_soft.tolist() == [-1.0, 0.0]
+    finally:
+        for name in ("calib_train", "calib_test"):
+            DatasetCatalog.remove(name)
+
+
+def test_the_count_rule_is_checked():
+    with pytest.raises(ValueError, match="COUNT_RULE must be one of"):
+        check_count_calibration(_calibration_cfg("train", rule="sum"))
+    with pytest.raises(ValueError, match="set MODEL.P2PNET.COUNT_CALIBRATION"):
+        check_count_calibration(_calibration_cfg("", rule="soft"))
+    assert check_count_calibration(_calibration_cfg("holdout", rule="soft")) == "holdout"
+
+
 def _count_rules():
     return load_benchmark("count_rules")
 
@@ -196,3 +259,21 @@ def test_count_rules_of_the_benchmark_on_a_confidence_drop(np_rng):
     assert errors["q90"] == (0.0, 0.0)
     soft_mae, soft_bias = errors["soft"]
     assert soft_bias == pytest.approx(-soft_mae) and soft_mae > 10
+    assert "soft+area" not in errors
+
+
+def test_the_soft_area_rule_follows_a_denser_test_set(np_rng):
+    # Every object scores 0.5 and the background adds 0.1 score per 1000 pixels. Training
+    # images (4000 px) hold 2-10 objects, test images (3000 px) 30: fitted on the
+    # training images, the soft count with the area term counts the denser, smaller test
+    # images exactly.
+    def image(n_obj, area):
+        background = np_rng.uniform(0.01, 0.02, 40)
+        return np.concatenate([np.full(n_obj, 0.5), background * 1e-4 * area
+                               / background.sum()])
+    train_counts = [2, 4, 6, 8, 10, 3]
+    train = [image(n, 4000.0) for n in train_counts]
+    test = [image(30, 3000.0) for _ in range(3)]
+    errors = _count_rules().rule_errors(train, train_counts, test, [30] * 3,
+                                        [4000.0] * 6, [3000.0] * 3)
+    assert errors["soft+area"] == (0.0, 0.0)

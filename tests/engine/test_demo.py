@@ -263,6 +263,35 @@ def test_a_calibrated_model_draws_and_counts_at_its_threshold(demo, forest_image
     count = int(re.search(r"wrote .*\.png: (\d+) points scoring >= 0\.0095", out).group(1))
     # The untrained head scores every anchor about 0.01 (the prior): some above, some not.
     assert args.confidence_threshold == pytest.approx(0.0095) and 0 <= count <= 100
+    assert "soft count" not in out  # the checkpoint has none
     # An explicit --confidence-threshold wins.
     run_p2p(demo, weights, tmp_path, "--input", forest_image)
     assert "points scoring >= 0" in capsys.readouterr().out
+
+
+def test_a_model_with_a_soft_count_prints_it(demo, forest_image, tmp_path, capsys):
+    from cpr_d2.config import get_cpr_d2_cfg
+    from cpr_d2.data.image_io import read_image
+    from cpr_d2.engine.predictor import PointPredictor
+    from cpr_d2.modeling.postprocess import soft_count
+
+    weights = untrained_checkpoint(P2P, tmp_path / "soft.pth")
+    state = torch.load(weights, weights_only=False)
+    state["model"]["count_threshold"] = torch.tensor(0.0095)
+    state["model"]["count_soft"] = torch.tensor([300.0, -1e-5])
+    torch.save(state, weights)
+    cfg = get_cpr_d2_cfg()
+    cfg.merge_from_file(P2P)
+    cfg.merge_from_list(["MODEL.WEIGHTS", str(weights), "MODEL.P2PNET.SCORE_THRESH", "0.0",
+                         "MODEL.P2PNET.NUM_CLASSES", "1"])
+    predictor = PointPredictor(cfg)
+    assert predictor.soft_count == pytest.approx((300.0, -1e-5))
+    image = read_image(forest_image, cfg.INPUT.FORMAT)
+    inst = predictor(image)
+    height, width = image.shape[:2]
+    expected = soft_count(float(inst.scores.sum()), height * width, (300.0, -1e-5))
+    assert predictor.count(inst) == expected and expected > 0
+    demo.main(demo.parse_args(["--config-file", P2P, "--input", forest_image, "MODEL.WEIGHTS",
+                               str(weights), "MODEL.P2PNET.SCORE_THRESH", "0.0",
+                               "OUTPUT_DIR", str(tmp_path / "run")]))
+    assert f"; soft count {expected}" in capsys.readouterr().out

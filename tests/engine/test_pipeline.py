@@ -68,6 +68,8 @@ def test_the_localizer_table_shows_the_count_threshold(pipeline_run):
         assert row["count threshold source"] == metrics.get("count_threshold_source")
         value = row["count threshold"]
         cell = "n/a" if value is None else "0" if value == 0 else f"{value:.4f}"
+        if metrics.get("count_rule") == "soft":  # the config's rule, when it could be fitted
+            cell += ", soft count"
         assert f"| {row['trained on']} |" in md and md.count(f"| {cell} |") >= 1
 
 

@@ -185,6 +185,12 @@ def test_localizer_table_shows_the_count_threshold_or_na():
     lines = localizer_table(rows).splitlines()
     assert lines[0] == "| trained on | AP@0.5 | AP@1 | AP@2 | mAP | MAE | RMSE | count thresh |"
     assert lines[2].endswith("| 0.3700 |") and lines[3].endswith("| n/a |")
+    # A model that counts with the soft count says so beside its threshold.
+    soft = _point_ap(20.0, threshold=0.37)
+    soft["count_rule"] = "soft"
+    rows = localizer_rows({"coarse points": soft})
+    assert rows[0]["count rule"] == "soft"
+    assert localizer_table(rows).splitlines()[2].endswith("| 0.3700, soft count |")
 
 
 def test_summarize_seeds_keeps_values_that_are_not_numbers():

@@ -181,6 +181,32 @@ def test_a_threshold_the_model_carries_replaces_the_configs(dataset, tmp_path):
     assert saved["count_threshold_source"] == "TEST.POINT_AP.COUNT_SCORE_THRESH"
 
 
+def test_a_soft_count_the_model_carries_replaces_counting_above_the_threshold(dataset,
+                                                                              tmp_path):
+    evaluator = PointAPEvaluator(dataset, distributed=False, output_dir=str(tmp_path),
+                                 count_score_thresh=0.5)
+    evaluator.reset()
+    # Images 10, 11 and 12 hold 2, 1 and 0 objects; the model counts 5 and 1 (its points
+    # above 0.85 would have counted 1 and 1), and image 12 gets no output (counts 0).
+    first = output([[5, 5], [40, 40]], [0.9, 0.8], [0, 1])
+    second = output([[195, 10], [10, 10]], [0.95, 0.6], [0, 0])
+    for out, count in ((first, 5), (second, 1)):
+        out.update(count_threshold=0.85, count=count, count_rule="soft")
+    evaluator.process([{"image_id": 10}, {"image_id": 11}], [first, second])
+    m = evaluator.evaluate()["point_ap"]
+    assert m["MAE"] == pytest.approx(1.0) and m["RMSE"] == pytest.approx(math.sqrt(3))
+    saved = json.loads((tmp_path / METRICS_FILE).read_text())
+    assert saved["count_rule"] == "soft" and saved["count_threshold"] == 0.85
+    assert saved["count_threshold_source"] == "the model's soft count, fitted on its training images"
+    # The same outputs counted by the threshold: 1 of 2, 1 of 1, 0 of 0.
+    for out in (first, second):
+        out["count_rule"] = "threshold"
+    evaluator.reset()
+    evaluator.process([{"image_id": 10}, {"image_id": 11}], [first, second])
+    assert evaluator.evaluate()["point_ap"]["MAE"] == pytest.approx(1 / 3)
+    assert json.loads((tmp_path / METRICS_FILE).read_text())["count_rule"] == "threshold"
+
+
 def test_results_do_not_accumulate_across_reset(dataset):
     evaluator = PointAPEvaluator(dataset, distributed=False)
     first = run_batches(evaluator)

@@ -105,6 +105,31 @@ def test_numpy_decoding_of_the_raw_outputs_equals_the_model(predictor, images):
         np.testing.assert_array_equal(got[2], classes)
 
 
+def test_the_decoder_counts_as_the_model_does(predictor, images):
+    """A model with a soft count writes it to p2pnet.json, and p2p_decode.count of the
+    decoded scores equals the model's count; without one, count is None."""
+    decoder = _decoder()
+    model = predictor.model
+    assert decode_params(predictor.cfg, model)["count_soft"] is None
+    assert decoder.count(np.ones(3), (10, 10), decode_params(predictor.cfg, model)) is None
+    model.count_threshold.fill_(0.01)
+    model.count_soft.copy_(torch.tensor([300.0, -2e-5]))
+    try:
+        params = decode_params(predictor.cfg, model)
+        assert params["count_soft"] == pytest.approx([300.0, -2e-5])
+        image = images[2]
+        threshold = _threshold_in_a_gap(model, image)
+        model.score_thresh = threshold
+        with torch.no_grad():
+            expected = model([predictor._input(image)])[0]["count"]
+        got = _decode_views(decoder, _raw_numpy(model), image,
+                            dict(params, score_thresh=threshold))
+        assert decoder.count(got[1], image.shape[:2], params) == expected > 0
+    finally:
+        model.count_threshold.fill_(-1)
+        model.count_soft.copy_(torch.tensor([-1.0, 0.0]))
+
+
 def test_numpy_decoding_of_one_view_is_decode(predictor, images):
     """Without flips (and for an export written before "test_flips" existed) decode_views
     of the one view is decode; a wrong number of views is refused."""

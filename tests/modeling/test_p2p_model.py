@@ -263,6 +263,44 @@ def test_a_calibrated_threshold_counts_and_travels_in_the_checkpoint(tmp_path):
     assert float(older.count_threshold) == -1
 
 
+def test_a_soft_count_counts_from_the_scores_and_the_area_and_travels(tmp_path):
+    from cpr_d2.engine import load_inference_weights
+    from cpr_d2.modeling.postprocess import soft_count
+
+    model = build_model(small_cfg(SCORE_THRESH=0.05, NMS_BOX_SIZE=0, COUNT_RULE="soft"))
+    anchors = anchor_points(1, 3, 8.0)
+    logits = torch.logit(torch.tensor([[0.9], [0.5], [0.2]]))[None]
+    points = torch.tensor([[[4.0, 4.0], [12.0, 4.0], [20.0, 4.0]]])
+    model.count_threshold.fill_(0.3)
+    out = model.inference(logits, points, anchors, [{}], [(8, 24)])[0]
+    assert out["count_rule"] == "threshold" and out["count"] == 2  # no soft fit yet
+    # 2.5 x (0.9 + 0.5 + 0.2) + 0.01 per pixel x 192 pixels = 5.92 -> 6.
+    model.count_soft.copy_(torch.tensor([2.5, 0.01]))
+    out = model.inference(logits, points, anchors, [{}], [(8, 24)])[0]
+    assert out["count_rule"] == "soft" and out["count"] == 6
+    assert out["count_threshold"] == pytest.approx(0.3)
+    # 2.5 x 1.6 - 0.01 x 192 = 2.08 -> 2; a negative value counts 0.
+    assert soft_count([1.6, 0.0], [192.0, 100.0], (2.5, -0.01)).tolist() == [2, 0]
+    path = tmp_path / "model.pth"
+    torch.save({"model": model.state_dict()}, path)
+    fresh = build_model(small_cfg(COUNT_RULE="soft"))
+    assert fresh.soft_coefficients() is None
+    load_inference_weights(fresh, str(path))
+    assert fresh.soft_coefficients() == pytest.approx((2.5, 0.01))
+    # The same weights under COUNT_RULE "threshold" count with the threshold.
+    plain = build_model(small_cfg())
+    load_inference_weights(plain, str(path))
+    assert plain.soft_coefficients() is None
+    # A checkpoint from before the soft count existed still loads (none).
+    old = {k: v for k, v in model.state_dict().items() if k != "count_soft"}
+    torch.save({"model": old}, path)
+    older = build_model(small_cfg(COUNT_RULE="soft"))
+    load_inference_weights(older, str(path))
+    assert older.soft_coefficients() is None
+    with pytest.raises(ValueError, match="COUNT_RULE"):
+        build_model(small_cfg(COUNT_RULE="sum"))
+
+
 def test_vote_benchmark_post_processing_equals_the_models_inference():
     bench = load_benchmark("p2p_vote")
     torch.manual_seed(0)
