@@ -123,7 +123,9 @@ def run_p2p_images(cfg, predictor, inputs, output_dir, args):
         written.append(write_image(
             draw_predictions(rgb, metadata, instances, args.confidence_threshold), out))
         count = int((instances.scores >= args.confidence_threshold).sum())
-        soft = predictor.count(instances)
+        # The soft count was fitted on whole training images: not for a tiled image.
+        tiled = len(tile_grid(height, width, args.max_size)) > 1
+        soft = None if tiled else predictor.count(instances)
         print(f"wrote {out}: {count} points scoring >= {args.confidence_threshold:.3g}"
               + ("" if soft is None else f"; soft count {soft}"))
     return written, failed

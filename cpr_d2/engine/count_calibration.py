@@ -20,10 +20,12 @@ MODEL.P2PNET.COUNT_RULE "soft" counts without a threshold: an image's count is
 ``scale * S + per_pixel * A`` (rounded, at least 0), S the sum of the scores of its
 kept points and A its area in pixels, with the two coefficients fitted by least
 squares to the annotated counts of the same calibration images (:func:`fit_soft_count`).
-S follows the trees that score under any threshold; the area term removes the score
-mass that background spreads over every image, in proportion to its size, so the rule
-holds for images (and tiles) of any size. The coefficients travel in the
-`count_soft` buffer; the threshold is still chosen (it decides which points are drawn).
+S follows the objects that score under any threshold; the area term removes the score
+mass that background spreads over an image, in proportion to its size. S sums the
+kept points, at most MODEL.P2PNET.DETECTIONS_PER_IMAGE of them, so the fit holds for
+images like the calibration images (docs/p2pnet.md, "What the soft count is fitted
+to"). The coefficients travel in the `count_soft` buffer; the threshold is still
+chosen (it decides which points are drawn).
 """
 import hashlib
 import logging

@@ -170,9 +170,10 @@ class PointPredictor(_Inference):
         self.soft_count = self.model.soft_coefficients()
 
     def count(self, instances):
-        """The soft count of an image's predicted `instances` (those of __call__ or
-        predict_large, whose image_size is the whole image's), or None when the model
-        has no soft count."""
+        """The soft count of an image's predicted `instances` (of __call__: the image in
+        one pass), or None when the model has no soft count. It was fitted on whole
+        training images: for an image much larger than those, count tiles of their
+        size and sum (docs/p2pnet.md, "What the soft count is fitted to")."""
         if self.soft_count is None:
             return None
         height, width = instances.image_size

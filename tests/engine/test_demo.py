@@ -295,3 +295,10 @@ def test_a_model_with_a_soft_count_prints_it(demo, forest_image, tmp_path, capsy
                                str(weights), "MODEL.P2PNET.SCORE_THRESH", "0.0",
                                "OUTPUT_DIR", str(tmp_path / "run")]))
     assert f"; soft count {expected}" in capsys.readouterr().out
+    # A tiled image gets no soft count (it was fitted on whole training images).
+    demo.main(demo.parse_args(["--config-file", P2P, "--input", forest_image, "--max-size",
+                               "256", "MODEL.WEIGHTS", str(weights),
+                               "MODEL.P2PNET.SCORE_THRESH", "0.0",
+                               "OUTPUT_DIR", str(tmp_path / "tiled")]))
+    out = capsys.readouterr().out
+    assert "predicted in" in out and "soft count" not in out
