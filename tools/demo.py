@@ -14,9 +14,9 @@ P2PNet configs: every predicted point scoring at least --confidence-threshold is
 drawn with its class name and score (default: the counting threshold the model
 chose on its training images, MODEL.P2PNET.COUNT_CALIBRATION, else 0.3), and
 each image's count is printed, with the model's soft count
-(MODEL.P2PNET.COUNT_RULE "soft") for an image predicted in one pass. Images larger
-than --max-size pixels on a
-side are predicted in overlapping tiles of at most --max-size pixels; each tile
+(MODEL.P2PNET.COUNT_RULE "soft") for an image predicted in one pass. Images
+larger than --max-size pixels on a side are predicted in overlapping tiles of
+at most --max-size pixels; each tile
 keeps only the points of its core (the overlap is split half-way between
 neighbouring tiles), so every point comes from exactly one tile. --video FILE
 writes <output>/<stem>_points.mp4.
