@@ -37,7 +37,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from cpr_d2.data.mapper import count_objects
-from cpr_d2.modeling.postprocess import soft_count
+from cpr_d2.modeling.postprocess import COUNT_RULES, soft_count
 
 __all__ = ["COUNT_CALIBRATIONS", "COUNT_RULES", "CountCalibrationHook",
            "calibrate_count_threshold", "calibration_split", "check_count_calibration",
@@ -46,7 +46,6 @@ __all__ = ["COUNT_CALIBRATIONS", "COUNT_RULES", "CountCalibrationHook",
 logger = logging.getLogger(__name__)
 
 COUNT_CALIBRATIONS = ("", "train", "holdout")
-COUNT_RULES = ("threshold", "soft")
 
 
 def check_count_calibration(cfg):

@@ -35,7 +35,6 @@ from tqdm import tqdm
 from cpr_d2.data.classes import checkpoint_classes, class_count_key
 from cpr_d2.data.mapper import annotations_to_point_instances
 from cpr_d2.modeling.p2pnet import point_nms
-from cpr_d2.modeling.postprocess import soft_count
 
 from .checkpoint import load_inference_weights
 
@@ -174,11 +173,7 @@ class PointPredictor(_Inference):
         one pass), or None when the model has no soft count. It was fitted on whole
         training images: for an image much larger than those, count tiles of their
         size and sum (docs/p2pnet.md, "What the soft count is fitted to")."""
-        if self.soft_count is None:
-            return None
-        height, width = instances.image_size
-        return soft_count(float(instances.scores.sum()), float(height) * float(width),
-                          self.soft_count)
+        return self.model.soft_count_of(instances)
 
     @torch.no_grad()
     def _predict(self, images):

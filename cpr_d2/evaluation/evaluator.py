@@ -202,15 +202,12 @@ class PointAPEvaluator(DatasetEvaluator):
     def reset(self):
         self._predictions = []
         self._model_threshold = None  # a counting threshold the model carries
-        self._soft_counts = {}  # image id -> the model's soft count (COUNT_RULE "soft")
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
             instances = out["instances"]
             if out.get("count_threshold") is not None:
                 self._model_threshold = float(out["count_threshold"])
-            if out.get("count_rule") == "soft":
-                self._soft_counts[inp["image_id"]] = int(out["count"])
             missing = [f for f in _PRED_FIELDS if not instances.has(f)]
             if missing:
                 raise KeyError(
@@ -226,12 +223,14 @@ class PointAPEvaluator(DatasetEvaluator):
                     "points": points.astype(np.float64).reshape(-1, 2),
                     "scores": scores.astype(np.float32).reshape(-1),
                     "classes": classes.astype(np.int64).reshape(-1),
+                    # The model's soft count (COUNT_RULE "soft"), gathered with the points.
+                    "soft_count": int(out["count"]) if out.get("count_rule") == "soft"
+                    else None,
                 }
             )
 
     def evaluate(self):
         predictions = gather_per_image(self._predictions, self._distributed)
-        soft_counts = self._gathered_soft_counts()
         if predictions is None:  # not the main process
             return {}
         if not predictions:
@@ -263,11 +262,13 @@ class PointAPEvaluator(DatasetEvaluator):
             source = "TEST.POINT_AP.COUNT_SCORE_THRESH"
         result = evaluate_point_ap(self._gts, dets, len(self._class_names), **kwargs)
         rule = "threshold"
-        if soft_counts and all(i in soft_counts for i in predictions):
+        soft_counts = {i: p["soft_count"] for i, p in predictions.items()
+                       if p.get("soft_count") is not None}
+        if soft_counts and len(soft_counts) == len(predictions):
             result = soft_counting_errors(result, self._gts, self._image_ids, soft_counts)
             rule = "soft"
             source = "the model's soft count, fitted on its training images"
-        self._log(result, source)
+        self._log(result, source, rule)
         metrics = OrderedDict(
             (name, value if name in ("MAE", "RMSE") else 100.0 * value)
             for name, value in result.metrics().items()
@@ -285,14 +286,6 @@ class PointAPEvaluator(DatasetEvaluator):
             write_json_atomic(record, os.path.join(self._output_dir, METRICS_FILE))
         return OrderedDict(point_ap=metrics)
 
-    def _gathered_soft_counts(self):
-        if not self._distributed or comm.get_world_size() == 1:
-            return dict(self._soft_counts)
-        merged = {}
-        for part in comm.gather(self._soft_counts, dst=0):
-            merged.update(part)
-        return merged
-
     def _write_predictions(self, dets):
         category_ids = dataset_classes(self._dataset_name).category_ids
         rows = []
@@ -305,7 +298,7 @@ class PointAPEvaluator(DatasetEvaluator):
         write_json_atomic(rows, path)
         self._logger.info(f"Saved {len(rows)} point predictions to {path}")
 
-    def _log(self, result, threshold_source):
+    def _log(self, result, threshold_source, rule="threshold"):
         conventions = "clean" if result.clean else "official conventions"
         mean_ap = result.mean_ap
         header = ["range", "#GT", "mAP"] + [f"AP@{t:g}" for t in result.taus]
@@ -321,7 +314,7 @@ class PointAPEvaluator(DatasetEvaluator):
             f"Point AP on '{self._dataset_name}' ({result.num_images} images, max_dets "
             f"{result.max_dets}, {conventions}):\n{table}\n"
             f"Counting: MAE {result.mae:.3f}, RMSE {result.rmse:.3f} " + (
-                f"({threshold_source})" if "soft count" in threshold_source else
+                f"({threshold_source})" if rule == "soft" else
                 f"(detections with score > {result.count_score_thresh:g}, {threshold_source})")
         )
         if "all" in result.range_names and len(self._class_names) > 1:

@@ -55,6 +55,7 @@ def decode_params(cfg, model, classes=None):
     min_size = cfg.INPUT.MIN_SIZE_TEST
     min_size = max(min_size) if isinstance(min_size, (tuple, list)) else min_size
     threshold = float(model.count_threshold)
+    soft = model.soft_coefficients()
     return {
         "input_format": cfg.INPUT.FORMAT,
         "pixel_mean": [float(v) for v in model.pixel_mean.reshape(-1)],
@@ -73,8 +74,7 @@ def decode_params(cfg, model, classes=None):
         "vote_radius": float(model.vote_radius),
         "test_flips": list(model.test_flips),
         "count_threshold": threshold if threshold >= 0 else None,
-        "count_soft": (list(model.soft_coefficients())
-                       if model.soft_coefficients() is not None else None),
+        "count_soft": list(soft) if soft is not None else None,
         "classes": [{"index": k, "id": int(i), "name": n}
                     for k, (n, i) in enumerate(zip(names, ids))],
     }

@@ -27,8 +27,8 @@ from cpr_d2.data.classes import require_num_classes
 
 from .backbone import normalized_images, single_level_feature_name
 from .p2p_matcher import PointMatcher
-from .postprocess import (check_flips, flip_points, flipped_image_input, original_size_and_scale,
-                          rescale_points, soft_count)
+from .postprocess import (COUNT_RULES, check_flips, flip_points, flipped_image_input,
+                          original_size_and_scale, rescale_points, soft_count)
 
 __all__ = ["P2PHead", "P2PNet", "anchor_points", "fuse_views", "point_nms", "point_vote",
            "nms_and_vote"]
@@ -219,8 +219,8 @@ class P2PNet(nn.Module):
         # MODEL.P2PNET.COUNT_RULE "soft": count = round(scale * sum of the kept scores +
         # per_pixel * image area), (scale, per_pixel) fitted with the threshold; a scale
         # <= 0 = none (the fit never gives one).
-        if count_rule not in ("threshold", "soft"):
-            raise ValueError(f"MODEL.P2PNET.COUNT_RULE must be 'threshold' or 'soft', got "
+        if count_rule not in COUNT_RULES:
+            raise ValueError(f"MODEL.P2PNET.COUNT_RULE must be one of {COUNT_RULES}, got "
                              f"{count_rule!r}")
         self.count_rule = count_rule
         self.register_buffer("count_soft", torch.tensor([-1.0, 0.0]))
@@ -424,6 +424,15 @@ class P2PNet(nn.Module):
             return None
         return scale, per_pixel
 
+    def soft_count_of(self, inst):
+        """The soft count of one image's predicted Instances (its image_size the image's),
+        or None when the model has no soft count (soft_coefficients)."""
+        soft = self.soft_coefficients()
+        if soft is None:
+            return None
+        height, width = inst.image_size
+        return soft_count(float(inst.scores.sum()), float(height) * float(width), soft)
+
     def _result(self, inst):
         """{"instances": inst}, with the count if the model was calibrated: the points
         above the calibrated threshold, or the soft count (with "count_rule" "soft")."""
@@ -433,10 +442,8 @@ class P2PNet(nn.Module):
             result["count_threshold"] = threshold
             result["count"] = int((inst.scores > threshold).sum())
             result["count_rule"] = "threshold"
-        soft = self.soft_coefficients()
+        soft = self.soft_count_of(inst)
         if soft is not None:
-            height, width = inst.image_size
-            result["count"] = soft_count(float(inst.scores.sum()), float(height) * float(width),
-                                         soft)
+            result["count"] = soft
             result["count_rule"] = "soft"
         return result

@@ -15,9 +15,11 @@ its area into a count (cpr_d2/engine/count_calibration.py fits its coefficients)
 import numpy as np
 
 __all__ = ["FLIPS", "check_flips", "flip_points", "flipped_image_input",
-           "original_size_and_scale", "rescale_points", "soft_count"]
+           "COUNT_RULES", "original_size_and_scale", "rescale_points", "soft_count"]
 
 FLIPS = ("horizontal", "vertical", "both")
+# MODEL.P2PNET.COUNT_RULE: the points above the counting threshold, or the soft count.
+COUNT_RULES = ("threshold", "soft")
 _FLIP_DIMS = {"horizontal": [-1], "vertical": [-2], "both": [-2, -1]}
 
 
