@@ -58,6 +58,8 @@ def add_point_data_config(cfg):
     # (low, high), a resize by a factor drawn from [low, high] before the crop. VFLIP:
     # vertical flips. ROT90: rotations by 0/90/180/270 degrees. BRIGHTNESS, CONTRAST,
     # SATURATION: jitter intensity v in [0, 1), a factor drawn from [1 - v, 1 + v].
+    # OBJECT_CROP: probability in [0, 1] that the training crop (INPUT.CROP) is placed on
+    # an annotated point drawn at random (the window holds it); otherwise it is uniform.
     cfg.INPUT.POINT_AUG = CN()
     cfg.INPUT.POINT_AUG.SCALE = ()
     cfg.INPUT.POINT_AUG.VFLIP = False
@@ -65,6 +67,7 @@ def add_point_data_config(cfg):
     cfg.INPUT.POINT_AUG.BRIGHTNESS = 0.0
     cfg.INPUT.POINT_AUG.CONTRAST = 0.0
     cfg.INPUT.POINT_AUG.SATURATION = 0.0
+    cfg.INPUT.POINT_AUG.OBJECT_CROP = 0.0
     return cfg
 
 

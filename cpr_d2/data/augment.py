@@ -1,7 +1,8 @@
 """Training augmentations for overhead and microscope imagery, where an image has no
-"up": vertical flips, rotations by multiples of 90 degrees, scale and colour jitter
-(INPUT.POINT_AUG). Each moves points exactly with the pixels under them, in the
-project's continuous pixel coordinates (docs/method.md, "Coordinate convention").
+"up": vertical flips, rotations by multiples of 90 degrees, scale and colour jitter, and
+crops placed on objects (INPUT.POINT_AUG). Each moves points exactly with the pixels
+under them, in the project's continuous pixel coordinates (docs/method.md, "Coordinate
+convention").
 
 Randomness comes from numpy's global generator, which the training stream seeds per
 sample (cpr_d2.data.samplers), so a run is reproducible and resumable.
@@ -10,7 +11,8 @@ import numpy as np
 from detectron2.data import transforms as T
 from fvcore.transforms.transform import Transform
 
-__all__ = ["RandomRot90", "RandomScale", "Rot90Transform", "point_augmentations"]
+__all__ = ["ObjectCrop", "PointAugInput", "RandomRot90", "RandomScale", "Rot90Transform",
+           "crop_augmentation", "point_augmentations"]
 
 
 class Rot90Transform(Transform):
@@ -69,6 +71,61 @@ class RandomScale(T.Augmentation):
         return T.ResizeTransform(h, w, max(1, int(round(h * s))), max(1, int(round(w * s))))
 
 
+class PointAugInput(T.AugInput):
+    """An AugInput that carries the annotated points ((N, 2), continuous pixel
+    coordinates) along with the image, so that an augmentation can place itself by them
+    (:class:`ObjectCrop`); every transform applied moves them with the pixels."""
+
+    def __init__(self, image, *, points=None):
+        super().__init__(image)
+        self.points = np.asarray([] if points is None else points, np.float64).reshape(-1, 2)
+
+    def transform(self, tfm):
+        super().transform(tfm)
+        if len(self.points):
+            self.points = tfm.apply_coords(self.points.copy())
+
+
+class ObjectCrop(T.Augmentation):
+    """detectron2's RandomCrop, placed on an object with probability `prob`: one of the
+    image's annotated points is drawn uniformly, and the crop's corner uniformly among
+    the positions whose window holds that point. Otherwise (and on an image without
+    points) the corner is uniform over the image, as RandomCrop's. On sparse images this
+    shows the model more objects and fewer empty crops per step (on `forest` it made the
+    localizer worse: docs/p2pnet.md, "Crops placed on objects")."""
+
+    def __init__(self, crop_type, crop_size, prob):
+        super().__init__()
+        if not 0 <= prob <= 1:
+            raise ValueError(f"INPUT.POINT_AUG.OBJECT_CROP must be a probability in [0, 1] "
+                             f"(0 = off), got {prob}")
+        self.size = T.RandomCrop(crop_type, crop_size)
+        self.prob = float(prob)
+
+    def get_transform(self, image, points):
+        h, w = image.shape[:2]
+        ch, cw = self.size.get_crop_size((h, w))
+        ch, cw = min(ch, h), min(cw, w)
+        if len(points) and np.random.rand() < self.prob:
+            x, y = points[np.random.randint(len(points))]
+            x0 = self._corner(x, cw, w)
+            y0 = self._corner(y, ch, h)
+        else:
+            y0 = np.random.randint(h - ch + 1)
+            x0 = np.random.randint(w - cw + 1)
+        return T.CropTransform(int(x0), int(y0), int(cw), int(ch))
+
+    @staticmethod
+    def _corner(p, size, length):
+        """A corner c uniform among the integers with c <= p <= c + size, 0 <= c <= length - size
+        (a point on the image lies in at least one such window)."""
+        lo = max(0, int(np.ceil(p - size)))
+        hi = min(length - size, int(np.floor(p)))
+        if hi < lo:  # only for a point off the image: the nearest window
+            lo = hi = min(lo, length - size)
+        return np.random.randint(lo, hi + 1)
+
+
 def _check_intensity(name, value):
     if not 0 <= value < 1:
         raise ValueError(f"INPUT.POINT_AUG.{name} must be in [0, 1) (0 = off; 0.2 draws a "
@@ -97,3 +154,12 @@ def point_augmentations(cfg):
         if value:
             after.append(aug(1 - value, 1 + value))
     return before, after
+
+
+def crop_augmentation(cfg):
+    """The training crop (INPUT.CROP): detectron2's RandomCrop, or an :class:`ObjectCrop`
+    with INPUT.POINT_AUG.OBJECT_CROP > 0."""
+    prob = float(cfg.INPUT.POINT_AUG.OBJECT_CROP)
+    if prob == 0:
+        return T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE)
+    return ObjectCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE, prob)  # checks the range

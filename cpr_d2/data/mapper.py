@@ -16,7 +16,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
 
-from .augment import point_augmentations
+from .augment import PointAugInput, crop_augmentation, point_augmentations
 from .image_io import ImageReadError, PixelLimitError, check_normalize, read_image
 
 __all__ = ["PointDatasetMapper", "annotations_to_point_instances", "count_objects"]
@@ -28,6 +28,12 @@ def count_objects(annotations):
     """The number of annotated objects of a record's annotations (crowd regions not
     counted); None counts as no annotations."""
     return sum(1 for a in annotations or () if not a.get("iscrowd", 0))
+
+
+def _annotated_points(annotations):
+    """(N, 2) points of the non-crowd annotations that have one (none: (0, 2))."""
+    points = [a["point"] for a in annotations or () if not a.get("iscrowd", 0) and "point" in a]
+    return np.asarray(points, dtype=np.float64).reshape(-1, 2)
 
 
 def _points_on_image(points, height, width):
@@ -109,7 +115,7 @@ class PointDatasetMapper:
     def from_config(cls, cfg, is_train=True, with_annotations=None):
         augs = utils.build_augmentation(cfg, is_train)  # resize (+ flip when training)
         if is_train and cfg.INPUT.CROP.ENABLED:
-            augs.insert(0, T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
+            augs.insert(0, crop_augmentation(cfg))
         if is_train:
             before_crop, after_flip = point_augmentations(cfg)
             augs = before_crop + augs + after_flip
@@ -172,12 +178,14 @@ class PointDatasetMapper:
             self._check_limits(dataset_dict, dataset_dict["height"], dataset_dict["width"])
         image = self._read_image(dataset_dict)
         self._check_limits(dataset_dict, *image.shape[:2])
-        aug_input = T.AugInput(image)
+        annotations = dataset_dict.pop("annotations", None)
+        # The annotated points travel with the image, for augmentations that place
+        # themselves by them (INPUT.POINT_AUG.OBJECT_CROP).
+        aug_input = PointAugInput(image, points=_annotated_points(annotations))
         transforms = self.augmentations(aug_input)
         image = aug_input.image
         image_size = image.shape[:2]
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        annotations = dataset_dict.pop("annotations", None)
         if self.with_annotations:
             dataset_dict["instances"] = annotations_to_point_instances(
                 annotations or [], transforms, image_size)

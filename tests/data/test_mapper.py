@@ -6,7 +6,7 @@ from PIL import Image
 
 from cpr_d2.config import get_cpr_d2_cfg
 from cpr_d2.data import PointDatasetMapper, load_point_json
-from cpr_d2.data.augment import RandomRot90, RandomScale
+from cpr_d2.data.augment import ObjectCrop, PointAugInput, RandomRot90, RandomScale, crop_augmentation
 
 from .helpers import base_json, write_dataset
 
@@ -39,6 +39,9 @@ TRANSFORMS = {
     # INPUT.POINT_AUG (cpr_d2/data/augment.py); four calls draw several rotations.
     "rot90": [RandomRot90()],
     "scale": [RandomScale(0.7, 1.4)],
+    "object crop": [ObjectCrop("absolute", (80, 90), 1.0)],
+    "scale+object crop+flip": [RandomScale(0.8, 1.25), ObjectCrop("absolute", (90, 80), 0.5),
+                               T.RandomFlip(prob=1.0)],
     "scale+crop+rot90+colour": [RandomScale(0.8, 1.25), T.RandomCrop("absolute", (90, 80)),
                                 RandomRot90(), T.RandomBrightness(0.8, 1.2),
                                 T.RandomContrast(0.8, 1.2), T.RandomSaturation(0.8, 1.2)],
@@ -71,6 +74,67 @@ def test_points_move_with_the_pixels(tmp_path, name):
                 np.testing.assert_allclose(centroid_near(out["image"], p), p, atol=0.75)
                 checked += 1
     assert checked >= 3
+
+
+def test_object_crop_holds_the_drawn_point_and_covers_its_windows():
+    # One point: every crop of prob 1 holds it, and the crop's corner takes every
+    # position whose window holds it (uniformly: each of the 11 x 11 corners is drawn).
+    np.random.seed(0)
+    image = np.zeros((100, 120, 3), np.uint8)
+    aug = ObjectCrop("absolute", (30, 40), 1.0)  # crop h x w = 30 x 40
+    corners = []
+    for _ in range(3000):
+        inp = PointAugInput(image, points=[[50.5, 70.25]])
+        crop = aug(inp)  # a CropTransform
+        assert (crop.h, crop.w) == (30, 40) and inp.image.shape[:2] == (30, 40)
+        x, y = inp.points[0]
+        assert 0 <= x <= 40 and 0 <= y <= 30
+        corners.append((crop.x0, crop.y0))
+    xs, ys = zip(*corners)
+    # x0 in [ceil(50.5 - 40), floor(50.5)] = [11, 50]; y0 in [ceil(70.25 - 30), 70] cut to
+    # the image: [41, 70].
+    assert (min(xs), max(xs), min(ys), max(ys)) == (11, 50, 41, 70)
+    counts = np.bincount(np.array(xs) - 11)
+    assert len(counts) == 40 and counts.min() > 30  # about 75 each
+
+
+def test_object_crop_prefers_objects_and_falls_back_to_uniform():
+    # A 200 px wide image with its only objects in the left 20 px: 50 px crops of
+    # prob 1 always hold one; uniform crops (prob 0, or an image without points) do
+    # so about a third of the time (corners 0..150, those <= 20 hold one).
+    np.random.seed(1)
+    image = np.zeros((50, 200, 3), np.uint8)
+    points = [[5.0, 25.0], [15.0, 10.0]]
+
+    def share_holding(aug, pts):
+        held = 0
+        for _ in range(600):
+            inp = PointAugInput(image, points=pts)
+            crop = aug(inp)
+            held += any(crop.x0 <= x <= crop.x0 + 50 for x, _ in points)
+        return held / 600
+
+    assert share_holding(ObjectCrop("absolute", (50, 50), 1.0), points) == 1.0
+    assert 0.05 < share_holding(ObjectCrop("absolute", (50, 50), 0.0), points) < 0.25
+    assert 0.05 < share_holding(ObjectCrop("absolute", (50, 50), 1.0), None) < 0.25
+    half = share_holding(ObjectCrop("absolute", (50, 50), 0.5), points)
+    assert 0.45 < half < 0.7  # 0.5 + 0.5 * (21 / 151)
+
+
+def test_object_crop_config():
+    cfg = get_cpr_d2_cfg()
+    cfg.INPUT.CROP.ENABLED = True
+    cfg.INPUT.CROP.TYPE = "absolute"
+    cfg.INPUT.CROP.SIZE = [20, 20]
+    assert type(crop_augmentation(cfg)) is T.RandomCrop  # off by default: detectron2's own
+    cfg.INPUT.POINT_AUG.OBJECT_CROP = 0.5
+    aug = crop_augmentation(cfg)
+    assert isinstance(aug, ObjectCrop) and aug.prob == 0.5
+    assert isinstance(PointDatasetMapper(cfg, is_train=True).augmentations.augs[0], ObjectCrop)
+    for bad in (-0.1, 1.5):
+        cfg.INPUT.POINT_AUG.OBJECT_CROP = bad
+        with pytest.raises(ValueError, match="INPUT.POINT_AUG.OBJECT_CROP"):
+            crop_augmentation(cfg)
 
 
 def test_crop_drops_points_and_boxes_that_leave_it(tmp_path):
