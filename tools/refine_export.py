@@ -32,8 +32,8 @@ on different images disagree about it by more than the refinement moved it, and 
 move agreement is the share of its move that the models which saw its image
 reproduce; each annotation then gets `refine_reliability`, `refine_reliable`,
 `refine_agreement` and `refine_trust` (a ranking of the moved points, from the other
-models' support and the move's heading relative to the nearest neighbour; the report
-lists the least trusted). --keep-unreliable decides what is written: agreed (the
+models' support, the move's heading relative to the nearest neighbour and its length
+relative to that neighbour's distance; the report lists the least trusted). --keep-unreliable decides what is written: agreed (the
 default) moves every point by the agreed part of its move, coarse keeps the coarse
 point of the unreliable ones and moves the others fully, refined writes every refined
 point; wherever the written point is not the refined one, the refined point stays as

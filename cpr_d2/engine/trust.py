@@ -29,15 +29,18 @@ coarse point),
 
 the projection of their move onto its own, as a fraction of its length.
 
-The trust of a moved object ranks it among the dataset's moved objects by two things:
-its support <o, s> / |s| (how far, in pixels, the other models moved it its own way)
-and how much its move heads away from its nearest annotated neighbour (of its class, on
-its image: -cos between s and the direction to that neighbour, 0 without one; a point
+The trust of a moved object ranks it among the dataset's moved objects by three things:
+its support <o, s> / |s| (how far, in pixels, the other models moved it its own way);
+how much its move heads away from its nearest annotated neighbour (of its class, on its
+image: -cos between s and the direction to that neighbour, 0 without one; a point
 pulled onto a neighbour is the refinement's typical mistake among small, crowded
-objects). With R the average rank (1 = lowest) among the M moved objects whose trust is
-known,
+objects); and its move on the objects' own scale, |s| over the distance from its coarse
+point to that neighbour's (0 without one: a move short for the spacing of its objects
+is more often noise around a coarse point that was already good). With R the average
+rank (1 = lowest) among the M moved objects whose trust is known,
 
-    trust = (R(support) + R(away)) / (2 M)      (in (0, 1]; 1 for an unmoved object)
+    trust = (R(support) + R(away) + R(scaled move)) / (3 M)
+                                                 (in (0, 1]; 1 for an unmoved object)
 
 Ranks put pixels and cosines on one scale without a fitted weight. Being a rank within
 the dataset, it orders the objects (which to look at first) but says nothing of the
@@ -134,17 +137,18 @@ def move_agreement(row):
     return float(np.clip(other_move @ move / length2, 0.0, 1.0))
 
 
-def _neighbour_directions(rows, class_of):
-    """{annotation id: unit vector from its coarse point to the nearest coarse point of
-    another object of its class on its image ("image_id" of the rows), or None when it
-    has none (or that point is its own)}."""
+def _nearest_neighbours(rows, class_of):
+    """{annotation id: (direction, distance)}: the unit vector from its coarse point to
+    the nearest coarse point of another object of its class on its image ("image_id" of
+    the rows) and the distance to it; (None, None) when it has none (or that point lies
+    where its own does)."""
     groups = {}
     for ann_id, row in rows.items():
         groups.setdefault((row.get("image_id"), class_of.get(ann_id)), []).append(ann_id)
     out = {}
     for ids in groups.values():
         if len(ids) == 1:
-            out[ids[0]] = None
+            out[ids[0]] = (None, None)
             continue
         coarse = np.asarray([rows[k]["coarse_point"] for k in ids], dtype=float).reshape(-1, 2)
         # A k-d tree: an image of a crowd can hold thousands of points.
@@ -152,8 +156,13 @@ def _neighbour_directions(rows, class_of):
         for i, ann_id in enumerate(ids):
             # The nearest point is the object itself (or one at the same place).
             d, j = dist[i, 1], index[i, 1]
-            out[ann_id] = (coarse[j] - coarse[i]) / d if d > 0 else None
+            out[ann_id] = ((coarse[j] - coarse[i]) / d, float(d)) if d > 0 else (None, None)
     return out
+
+
+def _neighbour_directions(rows, class_of):
+    """{annotation id: the direction of _nearest_neighbours, or None}."""
+    return {k: direction for k, (direction, _) in _nearest_neighbours(rows, class_of).items()}
 
 
 def move_trust(rows, class_of=None):
@@ -162,8 +171,8 @@ def move_trust(rows, class_of=None):
     one without other models; `class_of` ({annotation id: category id}) restricts the
     neighbours to the object's class."""
     class_of = class_of or {}
-    nearest = _neighbour_directions(rows, class_of)
-    out, support, away = {}, {}, {}
+    nearest = _nearest_neighbours(rows, class_of)
+    out, signals = {}, {}
     for ann_id, row in rows.items():
         move, other = _moves(row)
         length = float(np.linalg.norm(move))
@@ -173,13 +182,15 @@ def move_trust(rows, class_of=None):
         out[ann_id] = None
         if other is None:
             continue
-        support[ann_id] = float(other @ move) / length
-        direction = nearest[ann_id]
-        away[ann_id] = 0.0 if direction is None else -float(move @ direction) / length
-    if support:
-        ids = list(support)
-        ranks = (rankdata([support[k] for k in ids]) + rankdata([away[k] for k in ids]))
-        for ann_id, rank in zip(ids, ranks / (2 * len(ids))):
+        direction, distance = nearest[ann_id]
+        signals[ann_id] = (float(other @ move) / length,  # support
+                           0.0 if direction is None else -float(move @ direction) / length,
+                           0.0 if distance is None else length / distance)  # scaled move
+    if signals:
+        ids = list(signals)
+        values = np.array([signals[k] for k in ids])
+        ranks = sum(rankdata(values[:, c]) for c in range(values.shape[1]))
+        for ann_id, rank in zip(ids, ranks / (values.shape[1] * len(ids))):
             out[ann_id] = float(rank)
     return out
 

@@ -327,20 +327,24 @@ def test_trust_ranks_supported_moves_away_from_neighbours_first():
     assert trust[2] == 1.0  # not moved
     # Support (the other model's move along its own): 1 -> -2 px, 3 -> 2 px, 4 -> 3 px.
     # Away from the nearest neighbour: 1 -> -1 (towards), 3 -> 0.76, 4 -> +1.
-    assert trust[4] == pytest.approx((3 + 3) / 6)
-    assert trust[3] == pytest.approx((2 + 2) / 6)
-    assert trust[1] == pytest.approx((1 + 1) / 6)
+    # Move over the distance to that neighbour: 1 -> 4/10, 3 -> 3/92.2, 4 -> 4/10 (a tie).
+    assert trust[4] == pytest.approx((3 + 3 + 2.5) / 9)
+    assert trust[3] == pytest.approx((2 + 2 + 1) / 9)
+    assert trust[1] == pytest.approx((1 + 1 + 2.5) / 9)
     # Without other models a moved object's trust is unknown.
     lone = {k: {**r, "other_points": []} for k, r in trust_rows().items()}
     assert move_trust(lone)[1] is None and move_trust(lone)[2] == 1.0
-    # 4 moved 2 px under 1, moving down: away from 1, its nearest neighbour (+1).
+    # 4 moved 2 px under 1, moving down: away from 1, its nearest neighbour (+1); 1 and
+    # 4 are now each other's nearest, 2 px apart (scaled moves 4/2 and 4/2).
     rows = trust_rows()
     rows[4].update(coarse_point=[10.0, 12.0], point=[10.0, 16.0], other_points=[[10.0, 15.0]])
-    assert move_trust(rows)[4] == pytest.approx((3 + 3) / 6)
-    # Of another class, 4 has no neighbour (0): 3's 0.76 now ranks above it.
+    assert move_trust(rows)[4] == pytest.approx((3 + 3 + 2.5) / 9)
+    # Of another class, 4 has no neighbour (away 0, scaled move 0): 3's 0.76 now ranks
+    # above it, and 1's nearest is 2 again (4/10).
     classes = {1: 1, 2: 1, 3: 1, 4: 2}
-    assert move_trust(rows, classes)[4] == pytest.approx((3 + 2) / 6)
-    assert move_trust(rows, classes)[3] == pytest.approx((2 + 3) / 6)
+    assert move_trust(rows, classes)[4] == pytest.approx((3 + 2 + 1) / 9)
+    assert move_trust(rows, classes)[3] == pytest.approx((2 + 3 + 2) / 9)
+    assert move_trust(rows, classes)[1] == pytest.approx((1 + 1 + 3) / 9)
     # On another image, likewise.
     rows[4]["image_id"] = 2
     assert move_trust(rows) == move_trust(rows, classes)
@@ -350,11 +354,34 @@ def test_trust_ranks_supported_moves_away_from_neighbours_first():
         assert {k: r["trust"] for k, r in out.items()} == move_trust(trust_rows())
 
 
+def test_a_move_long_for_the_spacing_of_its_objects_is_trusted_more():
+    # Two images, each with an unmoved neighbour: A moves 4 px with its neighbour 40 px
+    # away, B 4 px with its neighbour 8 px away; both at right angles to the neighbour
+    # (away 0) and with the same support. Only the scaled move tells them apart.
+    from cpr_d2.engine.trust import move_trust
+
+    def row(coarse, point, other, image):
+        return {"coarse_point": list(coarse), "point": list(point), "other_points": [list(other)],
+                "image_id": image, "refined": point != coarse, "score": 0.5}
+    rows = {"A": row((50.0, 50.0), (50.0, 54.0), (50.0, 53.0), 1),
+            "a": row((90.0, 50.0), (90.0, 50.0), (90.0, 50.0), 1),
+            "B": row((50.0, 50.0), (50.0, 54.0), (50.0, 53.0), 2),
+            "b": row((58.0, 50.0), (58.0, 50.0), (58.0, 50.0), 2)}
+    trust = move_trust(rows)
+    assert trust["a"] == trust["b"] == 1.0
+    assert trust["A"] == pytest.approx((1.5 + 1.5 + 1) / 6)
+    assert trust["B"] == pytest.approx((1.5 + 1.5 + 2) / 6)
+    # The neighbour twice as far halves the scaled move: with B's neighbour 80 px away
+    # the order turns.
+    rows["b"].update(coarse_point=[130.0, 50.0], point=[130.0, 50.0], other_points=[[130.0, 50.0]])
+    assert move_trust(rows)["B"] < move_trust(rows)["A"]
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_nearest_neighbour_is_found_within_the_objects_class_and_image(seed):
     import numpy as np
 
-    from cpr_d2.engine.trust import _neighbour_directions
+    from cpr_d2.engine.trust import _nearest_neighbours, _neighbour_directions
     rng = np.random.default_rng(seed)
     points = rng.uniform(0, 500, size=(300, 2))
     rows = {k: {"coarse_point": points[k].tolist(), "image_id": int(rng.integers(2))}
@@ -363,12 +390,15 @@ def test_the_nearest_neighbour_is_found_within_the_objects_class_and_image(seed)
     rows[299]["image_id"], class_of[299] = 7, 1  # alone on its image
     found = _neighbour_directions(rows, class_of)
     assert found[299] is None
+    assert _nearest_neighbours(rows, class_of)[299] == (None, None)
+    distances = {k: d for k, (_, d) in _nearest_neighbours(rows, class_of).items()}
     for k in range(299):
         others = [j for j in rows if j != k and rows[j]["image_id"] == rows[k]["image_id"]
                   and class_of[j] == class_of[k]]
         j = min(others, key=lambda j: np.linalg.norm(points[j] - points[k]))
         expected = (points[j] - points[k]) / np.linalg.norm(points[j] - points[k])
         assert found[k] == pytest.approx(expected)
+        assert distances[k] == pytest.approx(np.linalg.norm(points[j] - points[k]))
 
 
 def test_the_report_lists_the_least_trusted_moved_points_first():
