@@ -99,21 +99,16 @@ class ObjectCrop(T.Augmentation):
         if not 0 <= prob <= 1:
             raise ValueError(f"INPUT.POINT_AUG.OBJECT_CROP must be a probability in [0, 1] "
                              f"(0 = off), got {prob}")
-        self.size = T.RandomCrop(crop_type, crop_size)
+        self.crop = T.RandomCrop(crop_type, crop_size)
         self.prob = float(prob)
 
     def get_transform(self, image, points):
+        if not (len(points) and np.random.rand() < self.prob):
+            return self.crop.get_transform(image)
         h, w = image.shape[:2]
-        ch, cw = self.size.get_crop_size((h, w))
-        ch, cw = min(ch, h), min(cw, w)
-        if len(points) and np.random.rand() < self.prob:
-            x, y = points[np.random.randint(len(points))]
-            x0 = self._corner(x, cw, w)
-            y0 = self._corner(y, ch, h)
-        else:
-            y0 = np.random.randint(h - ch + 1)
-            x0 = np.random.randint(w - cw + 1)
-        return T.CropTransform(int(x0), int(y0), int(cw), int(ch))
+        ch, cw = self.crop.get_crop_size((h, w))  # at most the image's, for every type
+        x, y = points[np.random.randint(len(points))]
+        return T.CropTransform(self._corner(x, cw, w), self._corner(y, ch, h), cw, ch)
 
     @staticmethod
     def _corner(p, size, length):
@@ -123,7 +118,7 @@ class ObjectCrop(T.Augmentation):
         hi = min(length - size, int(np.floor(p)))
         if hi < lo:  # only for a point off the image: the nearest window
             lo = hi = min(lo, length - size)
-        return np.random.randint(lo, hi + 1)
+        return int(np.random.randint(lo, hi + 1))
 
 
 def _check_intensity(name, value):
