@@ -41,7 +41,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.spatial import cKDTree
 from scipy.stats import rankdata
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +55,7 @@ from cpr_d2.data.classes import resolve_num_classes  # noqa: E402
 from cpr_d2.data.point_json import read_json, true_box  # noqa: E402
 from cpr_d2.engine.checkpoint import load_inference_weights  # noqa: E402
 from cpr_d2.engine.refine import refine_dataset  # noqa: E402
-from cpr_d2.engine.trust import _neighbour_directions  # noqa: E402
+from cpr_d2.engine.trust import _nearest_neighbours  # noqa: E402
 from cpr_d2.evaluation.semantic_variance import made_worse  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
@@ -85,21 +84,6 @@ def views(crossfit_dir, dataset):
     return out
 
 
-def _neighbour_distances(obj):
-    """{annotation id: distance from its coarse point to the nearest other coarse point
-    on its image (inf without one)}."""
-    by_image = {}
-    for i, o in obj.items():
-        by_image.setdefault(o["image_id"], []).append(i)
-    out = {}
-    for ids in by_image.values():
-        points = np.array([obj[i]["coarse_point"] for i in ids]).reshape(-1, 2)
-        dist = (cKDTree(points).query(points, k=2)[0][:, 1] if len(ids) > 1
-                else np.full(1, np.inf))
-        out.update(zip(ids, dist))
-    return out
-
-
 def signals(rows_a, rows_b, anns, folds):
     """(names -> (M,) arrays of the moved objects, (M,) made worse, (M,) made better)."""
     ids = sorted(i for i in rows_a[(0, 2)] if i in anns and true_box(anns[i]) is not None)
@@ -117,22 +101,21 @@ def signals(rows_a, rows_b, anns, folds):
             o["b_out"] = np.asarray(rows_b[(k, 2)][i]["point"], float) - coarse
             o["b_in"] = np.asarray(rows_b[(1 - k, 2)][i]["point"], float) - coarse
         obj[i] = o
-    nearest = _neighbour_directions(obj, {})
-    spacing = _neighbour_distances(obj)
+    nearest = _nearest_neighbours(obj, {})  # (direction, distance), as the report's trust
     moved = [i for i in ids if np.linalg.norm(obj[i]["s"]) > 0]
     out = {}
     for i in moved:
         o = obj[i]
         s = o["s"]
         length = float(np.linalg.norm(s))
-        d = nearest[i]
+        d, spacing = nearest[i]
         values = {"support": o["o"] @ s / length,
                   "away": 0.0 if d is None else -float(s @ d) / length,
                   "view disagreement": -float(np.linalg.norm(o["s0"] - o["sh"])) / length,
                   "score": o["score"], "num_kept": o["num_kept"], "size": o["size"],
                   "move": length,
                   "improvement over o": float(np.linalg.norm(o["o"]) - np.linalg.norm(s - o["o"])),
-                  "move / neighbour distance": length / spacing[i]}
+                  "move / neighbour distance": 0.0 if spacing is None else length / spacing}
         if rows_b is not None:
             values["support, both that saw it"] = np.mean([o["o"], o["b_in"]], axis=0) @ s / length
             values["support, all three others"] = (

@@ -160,11 +160,6 @@ def _nearest_neighbours(rows, class_of):
     return out
 
 
-def _neighbour_directions(rows, class_of):
-    """{annotation id: the direction of _nearest_neighbours, or None}."""
-    return {k: direction for k, (direction, _) in _nearest_neighbours(rows, class_of).items()}
-
-
 def move_trust(rows, class_of=None):
     """{annotation id: trust} (module doc) of rows with "other_points" and "image_id"
     (combine_fold_rows's): 1.0 for an object whose point did not move, None for a moved

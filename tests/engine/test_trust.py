@@ -381,24 +381,22 @@ def test_a_move_long_for_the_spacing_of_its_objects_is_trusted_more():
 def test_the_nearest_neighbour_is_found_within_the_objects_class_and_image(seed):
     import numpy as np
 
-    from cpr_d2.engine.trust import _nearest_neighbours, _neighbour_directions
+    from cpr_d2.engine.trust import _nearest_neighbours
     rng = np.random.default_rng(seed)
     points = rng.uniform(0, 500, size=(300, 2))
     rows = {k: {"coarse_point": points[k].tolist(), "image_id": int(rng.integers(2))}
             for k in range(300)}
     class_of = {k: int(rng.integers(1, 3)) for k in rows}
     rows[299]["image_id"], class_of[299] = 7, 1  # alone on its image
-    found = _neighbour_directions(rows, class_of)
-    assert found[299] is None
-    assert _nearest_neighbours(rows, class_of)[299] == (None, None)
-    distances = {k: d for k, (_, d) in _nearest_neighbours(rows, class_of).items()}
+    found = _nearest_neighbours(rows, class_of)  # (direction, distance)
+    assert found[299] == (None, None)
     for k in range(299):
         others = [j for j in rows if j != k and rows[j]["image_id"] == rows[k]["image_id"]
                   and class_of[j] == class_of[k]]
         j = min(others, key=lambda j: np.linalg.norm(points[j] - points[k]))
         expected = (points[j] - points[k]) / np.linalg.norm(points[j] - points[k])
-        assert found[k] == pytest.approx(expected)
-        assert distances[k] == pytest.approx(np.linalg.norm(points[j] - points[k]))
+        assert found[k][0] == pytest.approx(expected)
+        assert found[k][1] == pytest.approx(np.linalg.norm(points[j] - points[k]))
 
 
 def test_the_report_lists_the_least_trusted_moved_points_first():
