@@ -85,9 +85,11 @@ def write_image(rgb, path):
 # (cpr_d2.engine.predictor.PointPredictor: the whole image, or tiles for large images)
 
 def _tiling_note(name, height, width, max_size):
+    """Says when an image is predicted in tiles; returns how many."""
     count = len(tile_grid(height, width, max_size))
     if count > 1:
         print(f"{name}: {width}x{height} px > --max-size {max_size}, predicted in {count} tiles")
+    return count
 
 
 def draw_predictions(rgb, metadata, instances, threshold):
@@ -117,15 +119,14 @@ def run_p2p_images(cfg, predictor, inputs, output_dir, args):
             _skip(path, e, failed)
             continue
         height, width = image.shape[:2]
-        _tiling_note(path, height, width, args.max_size)
+        tiles = _tiling_note(path, height, width, args.max_size)
         instances = predictor.predict_large(image, tile=args.max_size)
         rgb = utils.convert_image_to_rgb(image, cfg.INPUT.FORMAT)
         written.append(write_image(
             draw_predictions(rgb, metadata, instances, args.confidence_threshold), out))
         count = int((instances.scores >= args.confidence_threshold).sum())
         # The soft count was fitted on whole training images: not for a tiled image.
-        tiled = len(tile_grid(height, width, args.max_size)) > 1
-        soft = None if tiled else predictor.count(instances)
+        soft = None if tiles > 1 else predictor.count(instances)
         print(f"wrote {out}: {count} points scoring >= {args.confidence_threshold:.3g}"
               + ("" if soft is None else f"; soft count {soft}"))
     return written, failed
