@@ -29,15 +29,17 @@ from cpr_d2.config import get_cpr_d2_cfg  # noqa: E402
 from cpr_d2.data import PointDatasetMapper  # noqa: E402
 from cpr_d2.data.classes import resolve_num_classes  # noqa: E402
 
-OFF = {"SCALE": (), "VFLIP": False, "ROT90": False, "BRIGHTNESS": 0.0, "CONTRAST": 0.0,
-       "SATURATION": 0.0, "OBJECT_CROP": 0.0}
+# Scripts in benchmarks/ run with this folder on sys.path.
+from bench_cpr_step import median_ms  # noqa: E402
+
+# Every INPUT.POINT_AUG option at its default, which is off.
+OFF = get_cpr_d2_cfg().INPUT.POINT_AUG
 
 
 def augmentations_off(cfg):
     off = cfg.clone()
     off.defrost()
-    for key, value in OFF.items():
-        setattr(off.INPUT.POINT_AUG, key, value)
+    off.INPUT.POINT_AUG = OFF.clone()
     return off
 
 
@@ -85,13 +87,7 @@ def main(argv=None):
         model.zero_grad()
         sum(model(batch).values()).backward()
 
-    step()
-    step_times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        step_times.append(time.perf_counter() - start)
-    step_ms = 1e3 * statistics.median(step_times)
+    step_ms = median_ms(step, args.steps)  # after one warm-up step
     per_step = (med["with"] - med["without"]) * cfg.SOLVER.IMS_PER_BATCH
     print(f"augmentations on: {aug}; {len(records)} training images of "
           f"{cfg.DATASETS.TRAIN[0]}, {args.rounds} rounds, torch {torch.get_num_threads()} threads")
