@@ -17,8 +17,11 @@ MODEL.P2PNET.COUNT_CALIBRATION "train") is then applied to the test images. Rule
 - soft: the count is the sum of the image's scores times the factor that makes the
   training images' total right (no threshold);
 - soft+area: the count is ``scale * (sum of the scores) + per_pixel * (image area)``,
-  rounded, the two fitted by least squares on the training images (fit_soft_count:
-  MODEL.P2PNET.COUNT_RULE "soft", the forest config's since 2026-12-07).
+  rounded, the two fitted by least squares on the training images in the direction
+  "inverse" (fit_soft_count: MODEL.P2PNET.COUNT_RULE "soft" with COUNT_SOFT_FIT
+  "inverse", the forest config's since 2026-12-07);
+- soft+area direct: the same with the count fitted to the score sums (COUNT_SOFT_FIT
+  "direct", the only fit before).
 
 The test images never reach any choice. The script prints, per run and rule, the test
 MAE and the mean signed error (negative: too few) in objects per image, then the mean
@@ -49,8 +52,8 @@ RULES = {"abs": lambda s: s, "top1": _relative(k=1), "top5": _relative(k=5),
 def rule_errors(train_scores, train_counts, test_scores, test_counts, train_areas=None,
                 test_areas=None):
     """{rule: (mae, mean signed error)} on the test images, each rule's threshold (or the
-    soft count's factor) chosen on the training images only; "soft+area" too when both
-    sets' image areas (pixels) are given."""
+    soft count's factor) chosen on the training images only; "soft+area" and "soft+area
+    direct" too when both sets' image areas (pixels) are given."""
     from cpr_d2.engine.count_calibration import choose_count_threshold, fit_soft_count
     from cpr_d2.modeling.postprocess import soft_count
 
@@ -64,11 +67,13 @@ def rule_errors(train_scores, train_counts, test_scores, test_counts, train_area
     n = np.array([factor * s.sum() for s in test_scores])
     out["soft"] = (float(np.abs(n - test_counts).mean()), float((n - test_counts).mean()))
     if train_areas is not None and test_areas is not None:
-        fit = fit_soft_count([s.sum() for s in train_scores], train_areas, train_counts)
-        n = (np.zeros(len(test_counts)) if fit is None else
-             soft_count([s.sum() for s in test_scores], test_areas, fit[:2]).astype(np.float64))
-        out["soft+area"] = (float(np.abs(n - test_counts).mean()),
-                            float((n - test_counts).mean()))
+        for name, direction in (("soft+area", "inverse"), ("soft+area direct", "direct")):
+            fit = fit_soft_count([s.sum() for s in train_scores], train_areas, train_counts,
+                                 direction=direction)
+            n = (np.zeros(len(test_counts)) if fit is None else
+                 soft_count([s.sum() for s in test_scores], test_areas,
+                            fit[:2]).astype(np.float64))
+            out[name] = (float(np.abs(n - test_counts).mean()), float((n - test_counts).mean()))
     return out
 
 
@@ -120,7 +125,7 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", help="P2PNet run directories")
     args = parser.parse_args(argv)
 
-    names = list(RULES) + ["soft", "soft+area"]
+    names = list(RULES) + ["soft", "soft+area direct", "soft+area"]
     table, counts = [], None
     print("| run | " + " | ".join(names) + " |")
     print("| --- | " + " | ".join("---:" for _ in names) + " |")

@@ -310,6 +310,11 @@ def _add_p2pnet_count_keys(cfg):
     # area), the two coefficients fitted by least squares on the same calibration images
     # (needs COUNT_CALIBRATION). The threshold still decides which points are drawn.
     cfg.MODEL.P2PNET.COUNT_RULE = "threshold"
+    # Which way the soft count's line is fitted: "inverse", the score sum to the count
+    # and solved for the count (unbiased on images more crowded than the calibration
+    # images); "direct", the count to the score sum (shrinks every count toward the
+    # calibration images' mean; the only fit before 2026-12-07).
+    cfg.MODEL.P2PNET.COUNT_SOFT_FIT = "inverse"
 
 
 def get_cpr_d2_cfg():

@@ -19,9 +19,16 @@ reaches the choice.
 MODEL.P2PNET.COUNT_RULE "soft" counts without a threshold: an image's count is
 ``scale * S + per_pixel * A`` (rounded, at least 0), S the sum of the scores of its
 kept points and A its area in pixels, with the two coefficients fitted by least
-squares to the annotated counts of the same calibration images (:func:`fit_soft_count`).
+squares on the same calibration images (:func:`fit_soft_count`).
 S follows the objects that score under any threshold; the area term removes the score
-mass that background spreads over an image, in proportion to its size. S sums the
+mass that background spreads over an image, in proportion to its size.
+MODEL.P2PNET.COUNT_SOFT_FIT says which way the line is fitted. "inverse" (the
+default) fits the score sum to the count, ``S = alpha * count + beta * A``, and
+solves it for the count (scale = 1 / alpha, per_pixel = -beta / alpha); "direct"
+fits the count to the score sum. S is the noisy side: fitting the count to it
+shrinks the slope by the squared correlation of the two, so the direct fit pulls
+every count toward the calibration images' mean and counts images more crowded
+than those too few; the inverse fit does not (docs/p2pnet.md, "The soft count"). S sums the
 kept points, at most MODEL.P2PNET.DETECTIONS_PER_IMAGE of them, so the fit holds for
 images like the calibration images (docs/p2pnet.md, "What the soft count is fitted
 to"). The coefficients travel in the `count_soft` buffer; the threshold is still
@@ -41,11 +48,14 @@ from cpr_d2.modeling.postprocess import COUNT_RULES, soft_count
 
 __all__ = ["COUNT_CALIBRATIONS", "COUNT_RULES", "CountCalibrationHook",
            "calibrate_count_threshold", "calibration_split", "check_count_calibration",
-           "choose_count_threshold", "fit_soft_count", "held_out_files", "soft_count"]
+           "choose_count_threshold", "fit_soft_count", "held_out_files", "soft_count",
+           "SOFT_FITS"]
 
 logger = logging.getLogger(__name__)
 
 COUNT_CALIBRATIONS = ("", "train", "holdout")
+# MODEL.P2PNET.COUNT_SOFT_FIT: which way the soft count's line is fitted (fit_soft_count).
+SOFT_FITS = ("inverse", "direct")
 
 
 def check_count_calibration(cfg):
@@ -57,6 +67,9 @@ def check_count_calibration(cfg):
     rule = cfg.MODEL.P2PNET.get("COUNT_RULE", "threshold")
     if rule not in COUNT_RULES:
         raise ValueError(f"MODEL.P2PNET.COUNT_RULE must be one of {COUNT_RULES}, got {rule!r}")
+    fit = cfg.MODEL.P2PNET.get("COUNT_SOFT_FIT", "inverse")
+    if fit not in SOFT_FITS:
+        raise ValueError(f"MODEL.P2PNET.COUNT_SOFT_FIT must be one of {SOFT_FITS}, got {fit!r}")
     if rule == "soft" and not calibration:
         raise ValueError("MODEL.P2PNET.COUNT_RULE 'soft' fits its coefficients on training "
                          "images: set MODEL.P2PNET.COUNT_CALIBRATION to 'train' or 'holdout'")
@@ -122,11 +135,23 @@ def choose_count_threshold(scores_per_image, counts):
     return float(candidates[best]), float(mae[best])
 
 
-def fit_soft_count(score_sums, areas, counts):
-    """(scale, per_pixel, mae): the least-squares fit of ``counts ~ scale * score_sums +
-    per_pixel * areas`` over images (no intercept), and the mean absolute error of the
-    rounded counts it gives (soft_count) on the same images. None when it cannot count:
-    fewer than 2 images, or a fit in which more score means fewer objects (scale <= 0)."""
+def fit_soft_count(score_sums, areas, counts, direction="inverse"):
+    """(scale, per_pixel, mae) of the soft count ``count = scale * score_sum + per_pixel *
+    area`` fitted by least squares over images (no intercept), and the mean absolute
+    error of the rounded counts it gives (soft_count) on the same images.
+
+    direction "inverse" fits ``score_sum = alpha * count + beta * area`` and solves it
+    for the count (scale = 1 / alpha, per_pixel = -beta / alpha): unbiased for images
+    with more (or fewer) objects than the calibration images. "direct" fits the count
+    to the score sums, the least-squares count on images like the calibration images,
+    which shrinks toward their mean count elsewhere.
+
+    None when it cannot count: fewer than 2 images, columns that do not determine the
+    line (every image the same count and area), or a fit in which more score means
+    fewer objects (scale <= 0)."""
+    if direction not in SOFT_FITS:
+        raise ValueError(f"fit_soft_count: direction must be one of {SOFT_FITS}, got "
+                         f"{direction!r}")
     sums, areas, counts = (np.asarray(v, dtype=np.float64).reshape(-1)
                            for v in (score_sums, areas, counts))
     if not len(sums) == len(areas) == len(counts):
@@ -134,22 +159,28 @@ def fit_soft_count(score_sums, areas, counts):
                          f"{len(counts)} counts")
     if len(counts) < 2:
         return None
-    design = np.stack([sums, areas], axis=1)
-    (scale, per_pixel), *_ = np.linalg.lstsq(design, counts, rcond=None)
-    if not scale > 0:
+    explained, target = (counts, sums) if direction == "inverse" else (sums, counts)
+    design = np.stack([explained, areas], axis=1)
+    if np.linalg.matrix_rank(design) < 2:
         return None
+    (slope, per_pixel), *_ = np.linalg.lstsq(design, target, rcond=None)
+    if not slope > 0:
+        return None
+    scale = slope
+    if direction == "inverse":
+        scale, per_pixel = 1.0 / slope, -per_pixel / slope
     predicted = soft_count(sums, areas, (scale, per_pixel))
     return float(scale), float(per_pixel), float(np.abs(predicted - counts).mean())
 
 
 @torch.no_grad()
-def calibrate_count_threshold(model, data_loader, dataset_dicts):
+def calibrate_count_threshold(model, data_loader, dataset_dicts, soft_fit="inverse"):
     """Predict every image of `data_loader` (a test loader over `dataset_dicts`, sharded
     over the processes), choose the threshold (choose_count_threshold) on all of them,
     store it in model.count_threshold, and return (threshold, mae, number of images).
     A model whose `count_rule` is "soft" also gets the soft count's coefficients
-    (fit_soft_count) in its `count_soft` buffer ((-1, 0), none, when they cannot be
-    fitted)."""
+    (fit_soft_count in the direction `soft_fit`) in its `count_soft` buffer ((-1, 0),
+    none, when they cannot be fitted)."""
     counts = {d["image_id"]: count_objects(d.get("annotations")) for d in dataset_dicts}
     was_training = model.training
     model.eval()
@@ -173,7 +204,8 @@ def calibrate_count_threshold(model, data_loader, dataset_dicts):
     target.count_threshold.fill_(threshold)
     if getattr(target, "count_rule", "threshold") == "soft":
         fit = fit_soft_count([float(gathered[i][0].sum()) for i in ids],
-                             [gathered[i][1] for i in ids], [counts[i] for i in ids])
+                             [gathered[i][1] for i in ids], [counts[i] for i in ids],
+                             direction=soft_fit)
         target.count_soft.copy_(torch.tensor(fit[:2] if fit else (-1.0, 0.0)))
     return threshold, mae, len(ids)
 
@@ -195,8 +227,9 @@ class CountCalibrationHook(HookBase):
             return  # stopped early (an error): nothing final to calibrate
         records = [r for name in self.dataset_names for r in DatasetCatalog.get(name)]
         _, dicts = calibration_split(self.cfg, records)
+        soft_fit = self.cfg.MODEL.P2PNET.get("COUNT_SOFT_FIT", "inverse")
         threshold, mae, n = calibrate_count_threshold(trainer.model, self.build_loader(dicts),
-                                                      dicts)
+                                                      dicts, soft_fit=soft_fit)
         which = ("the training set" if self.cfg.MODEL.P2PNET.COUNT_CALIBRATION == "train" else
                  "the training images kept out of training (MODEL.P2PNET.COUNT_HOLDOUT "
                  f"{self.cfg.MODEL.P2PNET.COUNT_HOLDOUT:g})")
@@ -207,8 +240,8 @@ class CountCalibrationHook(HookBase):
         if getattr(model, "count_rule", "threshold") == "soft":
             scale, per_pixel = (float(v) for v in model.count_soft)
             if scale > 0:
-                logger.info(f"Soft count fitted on the same images: {scale:.3f} x the sum of "
-                            f"the kept scores {per_pixel * 1e6:+.1f} per megapixel")
+                logger.info(f"Soft count fitted ({soft_fit}) on the same images: {scale:.3f} x "
+                            f"the sum of the kept scores {per_pixel * 1e6:+.1f} per megapixel")
             else:
                 logger.warning("MODEL.P2PNET.COUNT_RULE 'soft': no soft count could be fitted "
                                f"on {n} image(s) (it needs at least 2, on which more score "

@@ -8,7 +8,7 @@ from detectron2.structures import Instances
 
 from cpr_d2.engine.count_calibration import (CountCalibrationHook, calibrate_count_threshold,
                                              calibration_split, check_count_calibration,
-                                             choose_count_threshold, fit_soft_count,
+                                             choose_count_threshold, fit_soft_count, soft_count,
                                              held_out_files)
 from tests.tool_loader import load_benchmark
 
@@ -186,20 +186,71 @@ def test_the_soft_count_fit_recovers_known_coefficients():
     areas = rng.uniform(1e4, 4e5, size=20)
     scale, per_pixel = 1.7, -1.1e-4  # background mass: 1 / 1.7 * 1.1e-4 score per pixel
     sums = (counts - per_pixel * areas) / scale
-    fit = fit_soft_count(sums, areas, counts)
-    assert fit[0] == pytest.approx(scale, rel=1e-9) and fit[1] == pytest.approx(per_pixel, rel=1e-9)
-    assert fit[2] == 0
-    # Noisy counts: the fit is the least-squares one (residuals orthogonal to both columns).
+    for direction in ("inverse", "direct"):  # exact data: both fits find the line
+        fit = fit_soft_count(sums, areas, counts, direction=direction)
+        assert fit[0] == pytest.approx(scale, rel=1e-9)
+        assert fit[1] == pytest.approx(per_pixel, rel=1e-9) and fit[2] == 0
+    # Noisy counts: "direct" is the least-squares count (residuals orthogonal to both
+    # columns) ...
     noisy = counts + rng.normal(0, 2, size=20)
-    a, c, mae = fit_soft_count(sums, areas, noisy)
+    a, c, mae = fit_soft_count(sums, areas, noisy, direction="direct")
     residual = noisy - (a * sums + c * areas)
     assert abs(residual @ sums) < 1e-6 * np.abs(noisy @ sums)
     assert abs(residual @ areas) < 1e-6 * np.abs(noisy @ areas) and mae > 0
-    # It cannot count from one image, or when more score means fewer objects.
-    assert fit_soft_count([3.0], [100.0], [2]) is None
-    assert fit_soft_count([1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [3, 2, 1]) is None
+    # ... and "inverse" the least-squares score sum, solved for the count.
+    a, c, mae = fit_soft_count(sums, areas, noisy)
+    alpha, beta = 1 / a, -c / a
+    residual = sums - (alpha * noisy + beta * areas)
+    assert abs(residual @ noisy) < 1e-6 * np.abs(sums @ noisy)
+    assert abs(residual @ areas) < 1e-6 * np.abs(sums @ areas) and mae > 0
+    # It cannot count from one image, from images that all hold as many objects on as
+    # many pixels, or when more score means fewer objects.
+    for direction in ("inverse", "direct"):
+        assert fit_soft_count([3.0], [100.0], [2], direction=direction) is None
+        assert fit_soft_count([1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [3, 2, 1],
+                              direction=direction) is None
+    assert fit_soft_count([1.0, 2.0, 3.0], [5.0, 5.0, 5.0], [4, 4, 4]) is None
     with pytest.raises(ValueError, match="score sums"):
         fit_soft_count([1.0, 2.0], [1.0], [1, 2])
+    with pytest.raises(ValueError, match="direction must be one of"):
+        fit_soft_count([1.0, 2.0], [1.0, 1.0], [1, 2], direction="reverse")
+
+
+def test_the_inverse_fit_counts_crowded_images_without_shrinking():
+    # Score sums that grow with the count plus noise (correlation about 0.8, as a model's
+    # on forest), on tiles of one size: calibrated on 36 tiles of 0-40 objects, then
+    # counting 200 tiles of 40-80 objects and 200 like the calibration tiles. Repeated
+    # over 200 draws of the calibration tiles: one draw's slope is itself noisy.
+    per_object, background, area = 0.4, 2e-5, 400.0 * 400.0
+    crowded_mae, crowded_bias, alike_mae = [], [], []
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+
+        def tiles(low, high, n):
+            counts = rng.integers(low, high + 1, size=n).astype(float)
+            sums = per_object * counts + background * area + rng.normal(0, 3.5, size=n)
+            return sums, np.full(n, area), counts
+
+        calibration, crowded, alike = tiles(0, 40, 36), tiles(40, 80, 200), tiles(0, 40, 200)
+        errors = {}
+        for direction in ("inverse", "direct"):
+            scale, per_pixel, _ = fit_soft_count(*calibration, direction=direction)
+            errors[direction] = [soft_count(sums, areas, (scale, per_pixel)) - counts
+                                 for sums, areas, counts in (crowded, alike)]
+        crowded_mae.append([np.abs(errors[d][0]).mean() for d in ("inverse", "direct")])
+        crowded_bias.append([errors[d][0].mean() for d in ("inverse", "direct")])
+        alike_mae.append([np.abs(errors[d][1]).mean() for d in ("inverse", "direct")])
+    crowded_mae, crowded_bias, alike_mae = map(np.array, (crowded_mae, crowded_bias, alike_mae))
+    # The direct fit counts the crowded tiles too few, by more than one tile's noise
+    # (3.5 / 0.4, about 9 objects); the inverse fit is right on average ...
+    assert crowded_bias[:, 1].mean() < -9 and abs(crowded_bias[:, 0].mean()) < 2
+    # ... and counts them better in most draws and on the whole.
+    assert np.mean(crowded_mae[:, 0] < crowded_mae[:, 1]) > 0.8
+    assert crowded_mae[:, 0].mean() < 0.7 * crowded_mae[:, 1].mean()
+    # The price: on tiles like the calibration tiles, where the direct fit is the
+    # least-squares count, the inverse one counts a little worse (about 16% here).
+    ratio = alike_mae[:, 0].mean() / alike_mae[:, 1].mean()
+    assert 1.0 < ratio < 1.3
 
 
 def test_the_soft_hook_fits_on_the_training_images_only():
@@ -234,6 +285,10 @@ def test_the_count_rule_is_checked():
         check_count_calibration(_calibration_cfg("train", rule="sum"))
     with pytest.raises(ValueError, match="set MODEL.P2PNET.COUNT_CALIBRATION"):
         check_count_calibration(_calibration_cfg("", rule="soft"))
+    bad = _calibration_cfg("train", rule="soft")
+    bad.MODEL.P2PNET.COUNT_SOFT_FIT = "reverse"
+    with pytest.raises(ValueError, match="COUNT_SOFT_FIT must be one of"):
+        check_count_calibration(bad)
     assert check_count_calibration(_calibration_cfg("holdout", rule="soft")) == "holdout"
 
 
@@ -276,4 +331,4 @@ def test_the_soft_area_rule_follows_a_denser_test_set(np_rng):
     test = [image(30, 3000.0) for _ in range(3)]
     errors = _count_rules().rule_errors(train, train_counts, test, [30] * 3,
                                         [4000.0] * 6, [3000.0] * 3)
-    assert errors["soft+area"] == (0.0, 0.0)
+    assert errors["soft+area"] == (0.0, 0.0) and errors["soft+area direct"] == (0.0, 0.0)
