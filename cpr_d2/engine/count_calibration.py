@@ -48,6 +48,7 @@ from cpr_d2.modeling.postprocess import COUNT_RULES, soft_count
 
 __all__ = ["COUNT_CALIBRATIONS", "COUNT_RULES", "CountCalibrationHook",
            "calibrate_count_threshold", "calibration_split", "check_count_calibration",
+           "log_calibration",
            "choose_count_threshold", "fit_soft_count", "held_out_files", "soft_count",
            "SOFT_FITS"]
 
@@ -210,6 +211,24 @@ def calibrate_count_threshold(model, data_loader, dataset_dicts, soft_fit="inver
     return threshold, mae, len(ids)
 
 
+def log_calibration(model, where, threshold, mae, n, soft_fit):
+    """Log what calibrate_count_threshold chose for `model` on `n` images (`where` says
+    which): the threshold and, for a soft-count model, its coefficients or why there are
+    none."""
+    logger.info(f"Counting threshold chosen on {where}: {threshold:.4f} "
+                f"(counting MAE there {mae:.2f})")
+    model = model.module if hasattr(model, "module") else model
+    if getattr(model, "count_rule", "threshold") == "soft":
+        scale, per_pixel = (float(v) for v in model.count_soft)
+        if scale > 0:
+            logger.info(f"Soft count fitted ({soft_fit}) on the same images: {scale:.3f} x "
+                        f"the sum of the kept scores {per_pixel * 1e6:+.1f} per megapixel")
+        else:
+            logger.warning("MODEL.P2PNET.COUNT_RULE 'soft': no soft count could be fitted "
+                           f"on {n} image(s) (it needs at least 2, on which more score "
+                           "means more objects); the model counts with the threshold")
+
+
 class CountCalibrationHook(HookBase):
     """After training: choose the counting threshold on the images of
     MODEL.P2PNET.COUNT_CALIBRATION (calibration_split) and save model_final again with
@@ -233,17 +252,6 @@ class CountCalibrationHook(HookBase):
         which = ("the training set" if self.cfg.MODEL.P2PNET.COUNT_CALIBRATION == "train" else
                  "the training images kept out of training (MODEL.P2PNET.COUNT_HOLDOUT "
                  f"{self.cfg.MODEL.P2PNET.COUNT_HOLDOUT:g})")
-        logger.info(f"Counting threshold chosen on {which} "
-                    f"({', '.join(self.dataset_names)}, {n} images): {threshold:.4f} "
-                    f"(counting MAE there {mae:.2f})")
-        model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
-        if getattr(model, "count_rule", "threshold") == "soft":
-            scale, per_pixel = (float(v) for v in model.count_soft)
-            if scale > 0:
-                logger.info(f"Soft count fitted ({soft_fit}) on the same images: {scale:.3f} x "
-                            f"the sum of the kept scores {per_pixel * 1e6:+.1f} per megapixel")
-            else:
-                logger.warning("MODEL.P2PNET.COUNT_RULE 'soft': no soft count could be fitted "
-                               f"on {n} image(s) (it needs at least 2, on which more score "
-                               "means more objects); the model counts with the threshold")
+        log_calibration(trainer.model, f"{which} ({', '.join(self.dataset_names)}, {n} images)",
+                        threshold, mae, n, soft_fit)
         trainer.checkpointer.save("model_final")

@@ -9,7 +9,8 @@ import pytest
 from tests.tool_loader import TOOLS, load_tool
 
 TOOL_NAMES = ("train_net", "refine_export", "run_pipeline", "demo", "predict", "export_model",
-              "evaluate_points", "make_coarse", "semantic_variance", "visualize_cpr")
+              "evaluate_points", "make_coarse", "semantic_variance", "visualize_cpr",
+              "calibrate_count")
 
 # Runs the tool as a script with `argv`, then reports which heavy modules it imported.
 _PROBE = """
