@@ -32,7 +32,9 @@ flip config), s its move from the coarse point. Per moved object it computes:
 
 and prints the area under the ROC curve of each (high = trusted) as a predictor of
 "made worse" against "made better" (cpr_d2.evaluation.semantic_variance.made_worse),
-alone and as the mean rank with support and away. No signal is fitted: ranks only.
+alone, as the mean rank with support and away, and as the mean rank with the
+report's three (support, away, move / neighbour distance). No signal is fitted:
+ranks only.
 """
 import argparse
 import math
@@ -159,17 +161,22 @@ def main(argv=None):
           f"{int(better.sum())} made better")
     ranks = {k: rankdata(v) for k, v in values.items()}
     base = ranks["support"] + ranks["away"]
-    print("| signal (high = trusted) | AUC alone | AUC, mean rank with support and away |")
-    print("| --- | ---: | ---: |")
+    trust = base + ranks["move / neighbour distance"]
+    trust_ranks = ("support", "away", "move / neighbour distance")
+    print("| signal (high = trusted) | AUC alone | AUC, mean rank with support and away | "
+          "AUC, mean rank with the report's three |")
+    print("| --- | ---: | ---: | ---: |")
     for name, v in values.items():
         with_base = (math.nan if name in ("support", "away")
                      else auc(-(base + ranks[name])[judged], worse[judged]))
-        print(f"| {name} | {auc(-v[judged], worse[judged]):.3f} | {with_base:.3f} |")
+        with_trust = (math.nan if name in trust_ranks
+                      else auc(-(trust + ranks[name])[judged], worse[judged]))
+        print(f"| {name} | {auc(-v[judged], worse[judged]):.3f} | {with_base:.3f} | "
+              f"{with_trust:.3f} |")
     print(f"| support and away (the report's trust before 2026-12-07) | "
-          f"{auc(-base[judged], worse[judged]):.3f} | |")
-    trust = base + ranks["move / neighbour distance"]
+          f"{auc(-base[judged], worse[judged]):.3f} | | |")
     print(f"| trust (the report's: support, away, move / neighbour distance) | "
-          f"{auc(-trust[judged], worse[judged]):.3f} | |")
+          f"{auc(-trust[judged], worse[judged]):.3f} | | |")
 
 
 if __name__ == "__main__":
