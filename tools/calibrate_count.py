@@ -95,7 +95,8 @@ def main(args):
     logger = logging.getLogger("cpr_d2.calibrate_count")
     if cfg.MODEL.META_ARCHITECTURE != "P2PNet":
         raise ValueError(f"MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}: only a "
-                         "P2PNet counts; pass a P2PNet config (e.g. configs/forest/p2p_R18_s8.yaml)")
+                         "P2PNet counts; pass a P2PNet config (e.g. "
+                         "configs/forest/p2p_R18_s8.yaml)")
     check_count_calibration(cfg)
     check_output_file(args.output, example="model_recounted.pth", inputs=[cfg.MODEL.WEIGHTS],
                       inputs_are="MODEL.WEIGHTS, the trained model",

@@ -28,10 +28,10 @@ solves it for the count (scale = 1 / alpha, per_pixel = -beta / alpha); "direct"
 fits the count to the score sum. S is the noisy side: fitting the count to it
 shrinks the slope by the squared correlation of the two, so the direct fit pulls
 every count toward the calibration images' mean and counts images more crowded
-than those too few; the inverse fit does not (docs/p2pnet.md, "The soft count"). S sums the
-kept points, at most MODEL.P2PNET.DETECTIONS_PER_IMAGE of them, so the fit holds for
-images like the calibration images (docs/p2pnet.md, "What the soft count is fitted
-to"). The coefficients travel in the `count_soft` buffer; the threshold is still
+than those too few; the inverse fit does not (docs/p2pnet.md, "The inverse fit").
+S sums the kept points, at most MODEL.P2PNET.DETECTIONS_PER_IMAGE of them, so the fit
+holds for images like the calibration images (docs/p2pnet.md, "What the soft count is
+fitted to"). The coefficients travel in the `count_soft` buffer; the threshold is still
 chosen (it decides which points are drawn).
 """
 import hashlib
@@ -46,11 +46,10 @@ from detectron2.utils import comm
 from cpr_d2.data.mapper import count_objects
 from cpr_d2.modeling.postprocess import COUNT_RULES, soft_count
 
-__all__ = ["COUNT_CALIBRATIONS", "COUNT_RULES", "CountCalibrationHook",
+__all__ = ["COUNT_CALIBRATIONS", "COUNT_RULES", "SOFT_FITS", "CountCalibrationHook",
            "calibrate_count_threshold", "calibration_split", "check_count_calibration",
-           "log_calibration",
-           "choose_count_threshold", "fit_soft_count", "held_out_files", "soft_count",
-           "SOFT_FITS"]
+           "choose_count_threshold", "fit_soft_count", "held_out_files", "log_calibration",
+           "soft_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +224,9 @@ def log_calibration(model, where, threshold, mae, n, soft_fit):
                         f"the sum of the kept scores {per_pixel * 1e6:+.1f} per megapixel")
         else:
             logger.warning("MODEL.P2PNET.COUNT_RULE 'soft': no soft count could be fitted "
-                           f"on {n} image(s) (it needs at least 2, on which more score "
-                           "means more objects); the model counts with the threshold")
+                           f"on {n} image(s) (it needs at least 2 that differ in their "
+                           "counts or sizes, on which more score means more objects); the "
+                           "model counts with the threshold")
 
 
 class CountCalibrationHook(HookBase):
