@@ -67,12 +67,12 @@ def rule_errors(train_scores, train_counts, test_scores, test_counts, train_area
     n = np.array([factor * s.sum() for s in test_scores])
     out["soft"] = (float(np.abs(n - test_counts).mean()), float((n - test_counts).mean()))
     if train_areas is not None and test_areas is not None:
+        train_sums, test_sums = ([s.sum() for s in scores] for scores in (train_scores,
+                                                                           test_scores))
         for name, direction in (("soft+area", "inverse"), ("soft+area direct", "direct")):
-            fit = fit_soft_count([s.sum() for s in train_scores], train_areas, train_counts,
-                                 direction=direction)
+            fit = fit_soft_count(train_sums, train_areas, train_counts, direction=direction)
             n = (np.zeros(len(test_counts)) if fit is None else
-                 soft_count([s.sum() for s in test_scores], test_areas,
-                            fit[:2]).astype(np.float64))
+                 soft_count(test_sums, test_areas, fit[:2]).astype(np.float64))
             out[name] = (float(np.abs(n - test_counts).mean()), float((n - test_counts).mean()))
     return out
 

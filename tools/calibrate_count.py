@@ -61,7 +61,8 @@ def check_datasets(cfg, names):
 
 def write_checkpoint(weights, output, threshold, soft):
     """Copy the checkpoint `weights` to `output` (atomically) with the counting buffers
-    replaced; returns the old (threshold, soft) or None for each it did not hold."""
+    replaced; everything else in the file (every other weight, what the trainer stored
+    beside them) is copied as it is."""
     import torch
 
     from cpr_d2.utils.io import atomic_path
@@ -69,13 +70,10 @@ def write_checkpoint(weights, output, threshold, soft):
     data = torch.load(weights, map_location="cpu", weights_only=False)
     state = data["model"] if isinstance(data, dict) and isinstance(data.get("model"), dict) \
         else data
-    old = tuple(state[k].tolist() if k in state else None
-                for k in ("count_threshold", "count_soft"))
     state["count_threshold"] = threshold.detach().cpu().clone()
     state["count_soft"] = soft.detach().cpu().clone()
     with atomic_path(output) as tmp:
         torch.save(data, tmp)
-    return old
 
 
 def main(args):
