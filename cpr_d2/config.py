@@ -241,6 +241,10 @@ def _add_p2pnet_model_keys(cfg):
     cfg.MODEL.P2PNET.FOCAL_ALPHA = 0.25
     cfg.MODEL.P2PNET.FOCAL_GAMMA = 2.0
     cfg.MODEL.P2PNET.BACKGROUND_WEIGHT = 0.5
+    # "focal" only: train each matched prediction's score toward how close its point is,
+    # exp(-d^2 / (2 stride^2)) (d in px), instead of 1, with the focal loss made for soft
+    # targets (quality_focal_loss), so that a precise point outranks a rough one.
+    cfg.MODEL.P2PNET.QUALITY_TARGET = False
     cfg.MODEL.P2PNET.CLASS_WEIGHT = 1.0
     # Points: predicted point = anchor + stride * offset. "smooth_l1" on the points
     # divided by the stride (beta SMOOTH_L1_BETA); "l2" = squared pixel distance (the

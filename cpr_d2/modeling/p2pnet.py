@@ -34,6 +34,27 @@ __all__ = ["P2PHead", "P2PNet", "anchor_points", "fuse_views", "point_nms", "poi
            "nms_and_vote"]
 
 CLASS_LOSSES = ("focal", "softmax")
+
+
+def point_quality(pred_points, gt_points, stride):
+    """The class target of a matched prediction under MODEL.P2PNET.QUALITY_TARGET:
+    exp(-d^2 / (2 stride^2)), d the distance (px) of its predicted point to its ground
+    truth's (1 on it, 0.61 one stride away, 0.14 two strides away); no gradient."""
+    d2 = ((pred_points.detach() - gt_points) ** 2).sum(dim=-1)
+    return torch.exp(-0.5 * d2 / float(stride) ** 2)
+
+
+def quality_focal_loss(logits, targets, positive, alpha, gamma):
+    """Summed focal loss with soft targets: ``w * BCE(logit, y) * |y - sigmoid(logit)| **
+    gamma``, ``w`` = alpha where `positive` (the matched predictions' class entries),
+    1 - alpha elsewhere. With targets of 1 where positive and 0 elsewhere it is the
+    sigmoid focal loss (fvcore's) exactly; a soft target y < 1 is what the score should
+    be, and the loss vanishes there (the quality focal loss of Generalized Focal Loss,
+    with the focal loss's class balance)."""
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    weight = torch.where(positive, alpha, 1.0 - alpha) if alpha >= 0 else 1.0
+    return (weight * ce * (targets - p).abs() ** gamma).sum()
 POINT_LOSSES = ("smooth_l1", "l2")
 
 
@@ -179,7 +200,7 @@ class P2PNet(nn.Module):
                  smooth_l1_beta=1.0 / 9, point_weight=0.5, matcher, score_thresh=0.05,
                  topk_candidates=1000, nms_box_size=32.0, nms_thresh=0.01,
                  detections_per_image=100, vote_radius=0.0, test_flips=(),
-                 count_rule="threshold", pixel_mean, pixel_std):
+                 count_rule="threshold", quality_target=False, pixel_mean, pixel_std):
         super().__init__()
         if class_loss not in CLASS_LOSSES:
             raise ValueError(f"MODEL.P2PNET.CLASS_LOSS must be one of {CLASS_LOSSES}, got "
@@ -198,6 +219,10 @@ class P2PNet(nn.Module):
         self.anchor_rows, self.anchor_cols = anchor_rows, anchor_cols
         self.class_loss = class_loss
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        if quality_target and class_loss != "focal":
+            raise ValueError("MODEL.P2PNET.QUALITY_TARGET needs MODEL.P2PNET.CLASS_LOSS "
+                             f"\"focal\", got {class_loss!r}; set QUALITY_TARGET False")
+        self.quality_target = bool(quality_target)
         self.background_weight = background_weight
         self.class_weight = class_weight
         self.point_loss = point_loss
@@ -262,6 +287,7 @@ class P2PNet(nn.Module):
             "vote_radius": c.VOTE_RADIUS,
             "test_flips": c.TEST_FLIPS,
             "count_rule": c.COUNT_RULE,
+            "quality_target": c.QUALITY_TARGET,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
@@ -327,7 +353,15 @@ class P2PNet(nn.Module):
         normaliser = num_pos.clamp(min=1.0).item()
 
         flat_logits = logits.reshape(-1, logits.shape[-1])
-        if self.class_loss == "focal":
+        if self.class_loss == "focal" and self.quality_target:
+            target = torch.zeros_like(flat_logits)
+            positive = torch.zeros_like(flat_logits, dtype=torch.bool)
+            positive[pos, gt_classes[gt_pos]] = True
+            target[pos, gt_classes[gt_pos]] = point_quality(
+                pred_points.reshape(-1, 2)[pos], gt_points[gt_pos], self.stride)
+            loss_cls = quality_focal_loss(flat_logits, target, positive, self.focal_alpha,
+                                          self.focal_gamma) / normaliser
+        elif self.class_loss == "focal":
             target = torch.zeros_like(flat_logits)
             target[pos, gt_classes[gt_pos]] = 1.0
             loss_cls = sigmoid_focal_loss(flat_logits, target, self.focal_alpha, self.focal_gamma,

@@ -332,3 +332,27 @@ def test_the_soft_area_rule_follows_a_denser_test_set(np_rng):
     errors = _count_rules().rule_errors(train, train_counts, test, [30] * 3,
                                         [4000.0] * 6, [3000.0] * 3)
     assert errors["soft+area"] == (0.0, 0.0) and errors["soft+area direct"] == (0.0, 0.0)
+
+
+def test_the_power_rule_is_chosen_on_the_training_images_alone(np_rng):
+    # Objects score 0.9; 40 background detections score anywhere in [0, 0.45], so their
+    # sum (about 9 +- 0.8) blurs the plain score sum, while a higher power of the scores
+    # leaves the objects and quiets the background: leave-one-out on the training
+    # images picks a power above 1. The test images' scores never reach the choice.
+    rules = _count_rules()
+
+    def image(n_obj):
+        return np.concatenate([np.full(n_obj, 0.9), np_rng.uniform(0.0, 0.45, 40)])
+    train_counts = list(np_rng.integers(0, 20, size=30))
+    train = [image(n) for n in train_counts]
+    areas = [1000.0] * len(train)
+    p = rules.choose_power(train, train_counts, areas)
+    assert p > 1 and p in rules.POWERS
+    errors = rules.rule_errors(train, train_counts, [image(25)] * 3, [25] * 3, areas,
+                               [1000.0] * 3)
+    assert errors["p"][0] == p
+    assert errors["soft^p+area"][0] <= 1.0
+    # When every power counts the training images exactly (each object and the
+    # background one score of 0.5), the first of equals, the smallest power, is kept.
+    exact = [np.full(n + 1, 0.5) for n in train_counts]
+    assert rules.choose_power(exact, train_counts, areas) == rules.POWERS[0]

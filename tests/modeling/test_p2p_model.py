@@ -76,6 +76,50 @@ def test_focal_and_smooth_l1_losses_by_hand():
                                                             rel=1e-5)
 
 
+def test_quality_focal_loss_is_the_focal_loss_on_hard_targets():
+    from fvcore.nn import sigmoid_focal_loss
+
+    from cpr_d2.modeling.p2pnet import quality_focal_loss
+
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(50, 3)
+    targets = (torch.rand(50, 3) < 0.2).float()
+    for alpha, gamma in ((0.25, 2.0), (0.5, 1.0), (-1, 2.0)):
+        torch.testing.assert_close(
+            quality_focal_loss(logits, targets, targets > 0, alpha, gamma),
+            sigmoid_focal_loss(logits, targets, alpha, gamma, reduction="sum"))
+    # A soft target: the loss of that entry is smallest, and flat, where the score equals it.
+    x = torch.linspace(-4, 4, 801, requires_grad=True)
+    y = torch.full_like(x, 0.3)
+    per = [quality_focal_loss(x[i:i + 1], y[i:i + 1], torch.ones(1, dtype=torch.bool), 0.25,
+                              2.0) for i in range(len(x))]
+    best = int(torch.stack(per).argmin())
+    assert x[best].sigmoid().item() == pytest.approx(0.3, abs=0.005)
+    per[best].backward()
+    assert abs(x.grad[best].item()) < 1e-3
+
+
+def test_quality_target_scores_precise_points_higher():
+    from cpr_d2.modeling.p2pnet import point_quality
+
+    q = point_quality(torch.tensor([[10.0, 10.0], [18.0, 10.0], [10.0, 26.0]]),
+                      torch.tensor([[10.0, 10.0]] * 3), 8.0)
+    torch.testing.assert_close(q, torch.tensor([1.0, math.exp(-0.5), math.exp(-2.0)]))
+    # In the model: the positive's target is its quality (1 px off: q = exp(-1/128)), so
+    # the class loss equals the quality focal loss by hand; the point loss is unchanged.
+    model = build_model(small_cfg(MATCHER_TOPK=1, QUALITY_TARGET=True))
+    logits = torch.zeros(1, 2, 1)
+    points = torch.tensor([[[11.0, 10.0], [30.0, 30.0]]])
+    losses = model.losses(logits, points, [targets([[10, 10]], [0])])
+    y = math.exp(-1 / 128)
+    pos = 0.25 * (-(y * math.log(0.5) + (1 - y) * math.log(0.5))) * abs(y - 0.5) ** 2
+    neg = 0.75 * 0.25 * LN2
+    assert losses["loss_p2p_cls"].item() == pytest.approx(pos + neg, rel=1e-5)
+    assert losses["loss_p2p_point"].item() == pytest.approx(0.5 * (0.125 - 1 / 18), rel=1e-5)
+    with pytest.raises(ValueError, match="QUALITY_TARGET needs MODEL.P2PNET.CLASS_LOSS"):
+        build_model(small_cfg(QUALITY_TARGET=True, CLASS_LOSS="softmax"))
+
+
 def test_softmax_cross_entropy_and_l2_losses_by_hand():
     model = build_model(small_cfg(CLASS_LOSS="softmax", POINT_LOSS="l2", POINT_WEIGHT=2e-4,
                                   BACKGROUND_WEIGHT=0.5, MATCHER_CLASS_COST="prob",
@@ -299,6 +343,47 @@ def test_a_soft_count_counts_from_the_scores_and_the_area_and_travels(tmp_path):
     assert older.soft_coefficients() is None
     with pytest.raises(ValueError, match="COUNT_RULE"):
         build_model(small_cfg(COUNT_RULE="sum"))
+
+
+def test_duplicates_benchmark_sorts_points_by_what_they_found():
+    import numpy as np
+
+    bench = load_benchmark("p2p_duplicates")
+    # Two 20 x 20 px trees centred at (20, 20) and (60, 20).
+    boxes = np.array([[10.0, 10.0, 20.0, 20.0], [50.0, 10.0, 20.0, 20.0]])
+    points = np.array([[21.0, 20.0],   # finds tree 0 (d 0.05)
+                       [38.0, 20.0],   # 17 px from it, d 0.9 of tree 0: its duplicate
+                       [62.0, 34.0],   # d 0.71 of tree 1, none found it at d <= 0.5: near
+                       [58.0, 22.0],   # finds tree 1, though it scores last
+                       [90.0, 90.0]])  # elsewhere
+    scores = np.array([0.9, 0.8, 0.7, 0.1, 0.6])
+    kinds, dup, found = bench.sort_points(points, scores, boxes)
+    assert kinds.tolist() == ["found", "duplicate", "near", "found", "elsewhere"]
+    assert dup.tolist() == [17.0]
+    assert sorted(found.tolist()) == [0, 3]
+    assert bench.nearest_other(points[[0, 3]]).tolist() == [37.0, 37.0]
+    kinds, dup, found = bench.sort_points(points, scores, np.zeros((0, 4)))
+    assert set(kinds) == {"elsewhere"} and len(dup) == len(found) == 0
+
+
+def test_duplicates_benchmark_peaks_keep_only_local_maxima():
+    from cpr_d2.modeling.p2pnet import P2PNet
+
+    bench = load_benchmark("p2p_duplicates")
+    torch.manual_seed(0)
+    model = build_model(small_cfg(NUM_CLASSES=1)).eval()
+    inputs = [{"image": torch.rand(3, 64, 64) * 255, "height": 64, "width": 64}]
+    plain = P2PNet._predict
+    _, logits, _, _ = model._predict(inputs)
+    with bench.score_peaks(P2PNet):
+        _, peaked, _, _ = model._predict(inputs)
+    assert P2PNet._predict is plain
+    grid = logits[0, :, 0].reshape(8, 8)
+    kept = peaked[0, :, 0].reshape(8, 8) > -1e3
+    padded = torch.nn.functional.pad(grid, (1, 1, 1, 1), value=-float("inf"))
+    local_max = torch.stack([padded[i:i + 8, j:j + 8] for i in range(3) for j in range(3)]).amax(0)
+    assert torch.equal(kept, grid >= local_max) and 0 < kept.sum() < 64
+    torch.testing.assert_close(peaked[0, :, 0].reshape(8, 8)[kept], grid[kept])
 
 
 def test_vote_benchmark_post_processing_equals_the_models_inference():
