@@ -34,6 +34,7 @@ __all__ = ["P2PHead", "P2PNet", "anchor_points", "fuse_views", "point_nms", "poi
            "nms_and_vote"]
 
 CLASS_LOSSES = ("focal", "softmax")
+POINT_LOSSES = ("smooth_l1", "l2")
 
 
 def point_quality(pred_points, gt_points, stride):
@@ -55,7 +56,6 @@ def quality_focal_loss(logits, targets, positive, alpha, gamma):
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     weight = torch.where(positive, alpha, 1.0 - alpha) if alpha >= 0 else 1.0
     return (weight * ce * (targets - p).abs() ** gamma).sum()
-POINT_LOSSES = ("smooth_l1", "l2")
 
 
 def anchor_offsets(rows, cols, stride):
