@@ -226,7 +226,11 @@ def log_calibration(model, where, threshold, mae, n, soft_fit):
             logger.warning("MODEL.P2PNET.COUNT_RULE 'soft': no soft count could be fitted "
                            f"on {n} image(s) (it needs at least 2 that differ in their "
                            "counts or sizes, on which more score means more objects); the "
-                           "model counts with the threshold")
+                           "model counts with the threshold. If these images do differ in "
+                           "their counts, the model's scores do not follow the objects even "
+                           "on them, as after a training run that ended in a poor solution: "
+                           "check its point AP, and train again with another SEED if it is "
+                           "low")
 
 
 class CountCalibrationHook(HookBase):

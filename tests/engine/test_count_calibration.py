@@ -280,6 +280,37 @@ def test_the_soft_hook_fits_on_the_training_images_only():
             DatasetCatalog.remove(name)
 
 
+def test_a_model_whose_scores_fall_with_the_count_is_named_a_poor_run():
+    # More objects, less score (image k: 7 - k scores of 0.5 for k objects): no soft count,
+    # and the warning points at the training run, not only at the images.
+    import logging
+
+    train = [{"image_id": k, "file_name": f"tile_{k}.png", "annotations": [{}] * k}
+             for k in range(1, 7)]
+    sizes = {k: (20, 20) for k in range(1, 7)}
+    scores = {k: [0.5] * (7 - k) for k in range(1, 7)}
+    DatasetCatalog.register("calib_train", lambda: train)
+    DatasetCatalog.register("calib_test", lambda: pytest.fail("the test set was read"))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("cpr_d2.engine.count_calibration")
+    logger.addHandler(handler)
+    try:
+        model = _ScoreModel(scores, count_rule="soft", sizes=sizes)
+        hook = CountCalibrationHook(_calibration_cfg("train", rule="soft"), _loader([]))
+        hook.trainer = _FakeTrainer(model, [])
+        hook.after_train()
+        assert model.count_soft.tolist() == [-1.0, 0.0]
+        warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "no soft count could be fitted on 6 image(s)" in warnings[0]
+        assert "train again with another SEED" in warnings[0]
+    finally:
+        logger.removeHandler(handler)
+        for name in ("calib_train", "calib_test"):
+            DatasetCatalog.remove(name)
+
+
 def test_the_count_rule_is_checked():
     with pytest.raises(ValueError, match="COUNT_RULE must be one of"):
         check_count_calibration(_calibration_cfg("train", rule="sum"))
