@@ -163,8 +163,8 @@ def main(argv=None):
 
     names = list(RULES) + ["soft", "soft+area direct", "soft+area", "soft^p+area"]
     table, counts = [], None
-    print("| run | " + " | ".join(names) + " |")
-    print("| --- | " + " | ".join("---:" for _ in names) + " |")
+    print("| run | " + " | ".join(names) + " | p of soft^p |")
+    print("| --- | " + " | ".join("---:" for _ in names) + " | ---: |")
     for run in args.runs:
         cfg, model = load_run(run)
         train = predict_scores(cfg, model, args.train)
@@ -173,8 +173,8 @@ def main(argv=None):
         errors = rule_errors(train[0], train[1], test[0], test[1], train[2], test[2])
         table.append([errors[n][0] for n in names])
         print(f"| {run} | " + " | ".join(f"{errors[n][0]:.1f} ({errors[n][1]:+.1f})"
-                                          for n in names) + f" | p = {errors['p'][0]:g}")
-    print("| mean MAE | " + " | ".join(f"{v:.1f}" for v in np.mean(table, axis=0)) + " |")
+                                          for n in names) + f" | {errors['p'][0]:g} |")
+    print("| mean MAE | " + " | ".join(f"{v:.1f}" for v in np.mean(table, axis=0)) + " | |")
     print(f"\nannotated objects per image: {args.train} {counts[0]:.1f}, {args.test} {counts[1]:.1f}")
 
 
