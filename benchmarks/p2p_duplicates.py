@@ -11,7 +11,7 @@ flips). Then, per run and dataset:
 - the kept points sorted, by decreasing score, into: "found" (the first point within
   d <= 0.5 of a tree no point found yet, d the point AP distance), "duplicate" (within
   d <= 1 of a tree a higher-scoring point found), "near" (within d <= 1 of a tree none
-  found) and "elsewhere"; crowd regions are left out;
+  found) and "elsewhere"; crowd and ignore regions are left out;
 - the distance (Chebyshev, px, the metric of the NMS boxes) of each duplicate to its
   tree's found point, and of each found point to the nearest other found point
   (quartiles, and the share of found points with another within 24 px);
@@ -132,7 +132,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from count_rules import load_run  # this folder's; registers the datasets too
-    from detectron2.data import DatasetCatalog
 
     from cpr_d2.evaluation.evaluator import load_point_ground_truth
     from cpr_d2.evaluation.point_ap import evaluate_point_ap
@@ -147,15 +146,12 @@ def main(argv=None):
     for run in args.runs:
         cfg, model = load_run(run)
         for dataset in args.datasets:
-            dicts = DatasetCatalog.get(dataset)
             names, _, gts = load_point_ground_truth(dataset)
             dets = predict(cfg, model, dataset)
             counts = dict.fromkeys(("found", "duplicate", "near", "elsewhere"), 0)
             dups, neighbours = [], []
-            for record, (points, scores, _) in zip(dicts, dets):
-                boxes = np.array([a["bbox"] for a in record.get("annotations", ())
-                                  if not a.get("iscrowd", 0)], dtype=np.float64).reshape(-1, 4)
-                kinds, dup, found = sort_points(points, scores, boxes)
+            for gt, (points, scores, _) in zip(gts, dets):
+                kinds, dup, found = sort_points(points, scores, gt["boxes"][~gt["iscrowd"]])
                 for kind in counts:
                     counts[kind] += int((kinds == kind).sum())
                 dups.append(dup)
@@ -171,8 +167,10 @@ def main(argv=None):
             try:
                 for box in args.boxes:
                     model.nms_box_size = box
+                    # The config's own box: the predictions above.
+                    boxed = dets if box == saved else predict(cfg, model, dataset)
                     print(f"  NMS box {box:g} px: AP@0.5 (< 32 / 32-96 px) "
-                          f"{ap(predict(cfg, model, dataset), gts, len(names))}")
+                          f"{ap(boxed, gts, len(names))}")
             finally:
                 model.nms_box_size = saved
             if args.peaks:

@@ -353,19 +353,21 @@ class P2PNet(nn.Module):
         normaliser = num_pos.clamp(min=1.0).item()
 
         flat_logits = logits.reshape(-1, logits.shape[-1])
-        if self.class_loss == "focal" and self.quality_target:
+        pred = pred_points.reshape(-1, 2)[pos]
+        gt = gt_points[gt_pos]
+        if self.class_loss == "focal":
             target = torch.zeros_like(flat_logits)
-            positive = torch.zeros_like(flat_logits, dtype=torch.bool)
-            positive[pos, gt_classes[gt_pos]] = True
-            target[pos, gt_classes[gt_pos]] = point_quality(
-                pred_points.reshape(-1, 2)[pos], gt_points[gt_pos], self.stride)
-            loss_cls = quality_focal_loss(flat_logits, target, positive, self.focal_alpha,
-                                          self.focal_gamma) / normaliser
-        elif self.class_loss == "focal":
-            target = torch.zeros_like(flat_logits)
-            target[pos, gt_classes[gt_pos]] = 1.0
-            loss_cls = sigmoid_focal_loss(flat_logits, target, self.focal_alpha, self.focal_gamma,
-                                          reduction="sum") / normaliser
+            entries = (pos, gt_classes[gt_pos])
+            if self.quality_target:
+                target[entries] = point_quality(pred, gt, self.stride)
+                positive = torch.zeros_like(flat_logits, dtype=torch.bool)
+                positive[entries] = True
+                loss_cls = quality_focal_loss(flat_logits, target, positive, self.focal_alpha,
+                                              self.focal_gamma) / normaliser
+            else:
+                target[entries] = 1.0
+                loss_cls = sigmoid_focal_loss(flat_logits, target, self.focal_alpha,
+                                              self.focal_gamma, reduction="sum") / normaliser
         else:
             target = torch.full((flat_logits.shape[0],), self.num_classes, dtype=torch.int64,
                                 device=self.device)
@@ -374,8 +376,6 @@ class P2PNet(nn.Module):
             weight[-1] = self.background_weight
             loss_cls = F.cross_entropy(flat_logits, target, weight=weight)
 
-        pred = pred_points.reshape(-1, 2)[pos]
-        gt = gt_points[gt_pos]
         if self.point_loss == "smooth_l1":
             loss_point = F.smooth_l1_loss(pred / self.stride, gt / self.stride,
                                           beta=self.smooth_l1_beta, reduction="sum")
